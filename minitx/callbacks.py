@@ -1,0 +1,37 @@
+"""Lightning callbacks minitx adds to every run."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+
+
+class Throughput(L.Callback):
+    """Logs `tokens_per_sec` (all ranks together) averaged over every `every` training batches."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self._t0: float | None = None
+        self._tokens = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._tokens += batch[0].numel()
+        if self._t0 is None:  # the first batch pays for warm-up; start the clock after it
+            self._t0, self._tokens = time.perf_counter(), 0
+        elif self._tokens and (batch_idx + 1) % self.every == 0:
+            elapsed = time.perf_counter() - self._t0
+            pl_module.log("tokens_per_sec", self._tokens * trainer.world_size / elapsed, prog_bar=True)
+            self._t0, self._tokens = time.perf_counter(), 0
+
+
+class FinalValidation(L.Callback):
+    """Evaluate (and so checkpoint) after the last step even when max_steps is not a multiple of
+    val_check_interval: Lightning validates when a run is asked to stop, so ask on the last batch."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True

@@ -1,0 +1,63 @@
+"""Reading minitx checkpoints: a `.ckpt` carries the model config, the tokenizer and the weights."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from minitx.config import MinitxError, ModelConfig, from_mapping
+from minitx.model import GPT
+from minitx.tasks import CHECKPOINT_KEY
+
+
+class CheckpointError(MinitxError):
+    """A file that is missing, unreadable, or not a minitx checkpoint."""
+
+
+@dataclass
+class Loaded:
+    model: GPT
+    tokenizer: Tokenizer
+    config: ModelConfig
+    step: int
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict, loaded with weights_only=True: a pickle that would run code is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"ckpt={str(path)!r}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"ckpt={str(path)!r}: not a checkpoint (torch.save writes a zip archive, this is not)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"ckpt={str(path)!r}: refused: its pickle holds objects other than tensors and plain data, "
+            "and loading it could run code"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"ckpt={str(path)!r}: truncated or corrupt checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
+        raise CheckpointError(f"ckpt={str(path)!r}: not a minitx checkpoint (no {CHECKPOINT_KEY!r} entry)")
+    return checkpoint
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
+    """Model (in eval mode) and tokenizer from a minitx checkpoint; nothing else is needed."""
+    checkpoint = read_checkpoint(path)
+    meta = checkpoint[CHECKPOINT_KEY]
+    config = from_mapping(ModelConfig, meta["model"], "model.").validate()
+    model = GPT(config)
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    model.load_state_dict(state)
+    tokenizer = Tokenizer.from_str(meta["tokenizer"])
+    return Loaded(model.to(device).eval(), tokenizer, config, int(checkpoint.get("global_step", 0)))

@@ -1,0 +1,236 @@
+"""Typed, validated configuration.
+
+YAML in `conf/` is composed by Hydra, then every section is turned into one of these dataclasses.
+Each bad value fails here, at start-up, with one line that names the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+
+class MinitxError(Exception):
+    """An error the user can fix. Entry points print it as one line and exit with status 2."""
+
+
+class ConfigError(MinitxError):
+    """A configuration value that cannot work."""
+
+
+def fail(key: str, value: Any, problem: str) -> typing.NoReturn:
+    raise ConfigError(f"{key}={value!r}: {problem}")
+
+
+def check_positive(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            fail(f"{section}.{name}", value, "must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the transformer; saved in every checkpoint so the model can be rebuilt."""
+
+    vocab_size: int = 0  # 0: taken from the tokenizer
+    block_size: int = 128  # longest context the model sees (size of the position table)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = False  # biases in Linear and LayerNorm; GPT-2 had them, small models train as well without
+    attention: str = "sdpa"  # kernel, see minitx.attention.KERNELS
+
+    def validate(self) -> ModelConfig:
+        from minitx.attention import KERNELS
+
+        check_positive("model", self, "block_size", "n_layer", "n_head", "n_embd")
+        if self.vocab_size < 0:
+            fail("model.vocab_size", self.vocab_size, "must be >= 0 (0 takes it from the tokenizer)")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            fail("model.dropout", self.dropout, "must be in [0, 1)")
+        if self.attention not in KERNELS:
+            fail("model.attention", self.attention, f"unknown kernel; choose one of {sorted(KERNELS)}")
+        return self
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "char"  # char | bpe; ignored when `path` is set
+    vocab_size: int = 1024  # target size for bpe
+    path: str | None = None  # a tokenizer.json to load instead of training one
+
+    def validate(self) -> TokenizerConfig:
+        if self.path is None and self.kind not in ("char", "bpe"):
+            fail("tokenizer.kind", self.kind, "choose char or bpe, or set tokenizer.path=<tokenizer.json>")
+        if self.kind == "bpe" and self.vocab_size < 260:
+            fail("tokenizer.vocab_size", self.vocab_size, "byte-level BPE needs at least 260 (256 bytes + specials)")
+        return self
+
+
+@dataclass
+class DataConfig:
+    hub_id: str | None = None  # a Hugging Face Hub dataset, e.g. karpathy/tiny_shakespeare; data.path wins if set
+    hub_config: str | None = None  # the Hub dataset's configuration name, if it has several
+    path: str | None = None  # local text / jsonl / json / csv / parquet file or directory
+    text_column: str = "text"
+    val_split: str = "validation"  # used when the dataset has it, else the last `val_fraction` is held out
+    val_fraction: float = 0.1
+    batch_size: int = 16
+    val_batches: int = 50  # fixed windows evaluated each time, so val numbers compare across runs
+    cache_dir: str | None = None  # token-stream cache; default ~/.cache/minitx
+
+    def validate(self) -> DataConfig:
+        check_positive("data", self, "batch_size", "val_batches")
+        if not 0.0 < self.val_fraction < 1.0:
+            fail("data.val_fraction", self.val_fraction, "must be in (0, 1)")
+        return self
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # cosine decay ends here
+    weight_decay: float = 0.1  # matrices only; biases, norms and embeddings' 1-d params are not decayed
+    beta1: float = 0.9
+    beta2: float = 0.99  # 0.99 rather than 0.999: small batches, short runs
+    warmup_steps: int = 100
+    decay_steps: int = 0  # 0: decay over trainer.max_steps
+
+    def validate(self, max_steps: int) -> OptimConfig:
+        check_positive("optim", self, "lr")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            fail("optim.min_lr", self.min_lr, f"must be in [0, optim.lr={self.lr}]")
+        if self.weight_decay < 0:
+            fail("optim.weight_decay", self.weight_decay, "must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                fail(f"optim.{name}", getattr(self, name), "must be in [0, 1)")
+        if self.warmup_steps < 0 or self.warmup_steps > max_steps:
+            fail("optim.warmup_steps", self.warmup_steps, f"must be in [0, trainer.max_steps={max_steps}]")
+        if self.decay_steps < 0:
+            fail("optim.decay_steps", self.decay_steps, "must be >= 0 (0 decays over trainer.max_steps)")
+        return self
+
+
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
+
+
+@dataclass
+class TrainerConfig:
+    """Passed to `lightning.Trainer` under the same names."""
+
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_steps: int = 1000
+    val_check_interval: int = 250  # training batches between evaluations
+    log_every_n_steps: int = 10
+    gradient_clip_val: float = 1.0
+    accumulate_grad_batches: int = 1
+    enable_progress_bar: bool = True
+
+    def validate(self) -> TrainerConfig:
+        check_positive(
+            "trainer", self, "max_steps", "val_check_interval", "log_every_n_steps",
+            "accumulate_grad_batches", "num_nodes",
+        )
+        if str(self.precision) not in PRECISIONS:
+            fail("trainer.precision", self.precision, f"choose one of {list(PRECISIONS)}")
+        if self.gradient_clip_val < 0:
+            fail("trainer.gradient_clip_val", self.gradient_clip_val, "must be >= 0 (0 disables clipping)")
+        return self
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "wandb"  # wandb | csv | none
+    project: str = "minitx"
+    offline: bool | None = None  # wandb: None = offline unless an API key is set and the server answers
+
+    def validate(self) -> LoggerConfig:
+        if self.kind not in ("wandb", "csv", "none"):
+            fail("logger.kind", self.kind, "choose wandb, csv or none")
+        return self
+
+
+@dataclass
+class SampleAfterConfig:
+    """A sample printed at the end of training, from the final weights."""
+
+    prompt: str = ""
+    max_new_tokens: int = 200
+
+
+@dataclass
+class TrainConfig:
+    name: str
+    seed: int
+    model: ModelConfig
+    tokenizer: TokenizerConfig
+    data: DataConfig
+    optim: OptimConfig
+    trainer: TrainerConfig
+    logger: LoggerConfig
+    sample: SampleAfterConfig = field(default_factory=SampleAfterConfig)
+
+    def validate(self) -> TrainConfig:
+        self.model.validate()
+        self.tokenizer.validate()
+        self.data.validate()
+        self.trainer.validate()
+        self.optim.validate(self.trainer.max_steps)
+        self.logger.validate()
+        return self
+
+
+T = TypeVar("T")
+
+
+def from_mapping(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from a plain mapping, checking key names and value types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}: unknown key; known keys are {sorted(names)}")
+    kwargs = {}
+    for name, value in values.items():
+        kwargs[name] = _coerce(value, hints[name], f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            fail(key, value, "expected a section of keys")
+        return from_mapping(hint, value, key + ".")
+    if hint is Any:
+        return value
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        fail(key, value, "must be set")
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    wanted = " or ".join(o.__name__ for o in options if o is not type(None))
+    fail(key, value, f"expected {wanted}")

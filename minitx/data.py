@@ -1,0 +1,322 @@
+"""Corpora through Hugging Face `datasets`, tokenized once into cached token streams, served as windows.
+
+A corpus (Hub dataset, local files, or the built-in one) is tokenized with a batched `map`, its documents
+joined by the end-of-text token into one stream, and the stream cached as a numpy memmap keyed by the
+corpus fingerprint and the tokenizer, so a second run reads it back without tokenizing. Training batches
+are random windows drawn with a generator seeded by (seed, rank, step): resuming at a step or adding a
+rank needs no state beyond those three numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import sysconfig
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from minitx.config import DataConfig, MinitxError, TokenizerConfig
+from minitx.tokenizer import EOT, build_tokenizer, tokenizer_hash, tokenizer_spec
+
+if TYPE_CHECKING:
+    import datasets
+    from tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class DataError(MinitxError):
+    """A corpus that cannot be loaded or is unusable."""
+
+
+# file suffix -> `datasets` builder
+BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text",
+            ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class Corpus:
+    """Training texts, validation texts if the source has a split for them, and a fingerprint of both."""
+
+    train: datasets.Dataset
+    val: datasets.Dataset | None
+    text_column: str
+    fingerprint: str
+    description: str
+
+
+def builtin_corpus_files() -> list[Path]:
+    """The top-level modules of the running Python's standard library: a few MB of text on every machine."""
+    return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    if cfg.path is not None:
+        splits, description = _load_local(cfg.path), f"data.path={cfg.path}"
+    elif cfg.hub_id is not None:
+        splits, description = _load_hub(cfg), f"data.hub_id={cfg.hub_id}"
+    else:
+        files = [str(f) for f in builtin_corpus_files()]
+        splits = datasets.load_dataset(
+            "text", data_files={"train": files}, sample_by="document", keep_linebreaks=True
+        )
+        description = f"built-in corpus: {len(files)} standard-library modules"
+    train = splits["train"] if "train" in splits else splits[next(iter(splits))]
+    if cfg.text_column not in train.column_names:
+        raise DataError(
+            f"data.text_column={cfg.text_column!r} is not a column of {description}; "
+            f"its columns are {train.column_names}"
+        )
+    val = splits.get(cfg.val_split)
+    parts = [train._fingerprint, val._fingerprint if val is not None else "held-out", cfg.text_column]
+    if val is None:
+        parts.append(str(cfg.val_fraction))
+    return Corpus(train, val, cfg.text_column, "-".join(parts), description)
+
+
+def _load_local(path: str) -> datasets.DatasetDict:
+    import datasets
+
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"data.path={path!r}: no such file or directory")
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in BUILDERS)
+    if not files:
+        raise DataError(f"data.path={path!r}: no {'/'.join(sorted(BUILDERS))} files in it")
+    builders = {BUILDERS.get(f.suffix) for f in files}
+    if None in builders or len(builders) > 1:
+        raise DataError(
+            f"data.path={path!r}: cannot tell the format from the suffix of {[f.name for f in files][:3]}; "
+            f"use one kind of file among {sorted(BUILDERS)}"
+        )
+    builder = builders.pop()
+    extra = {"sample_by": "document", "keep_linebreaks": True} if builder == "text" else {}
+    return datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, **extra)
+
+
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def host_reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the URL's host opens within `timeout` seconds (DNS included)."""
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=connect, daemon=True)  # getaddrinfo ignores socket timeouts
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def _offline_requested() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _load_hub(cfg: DataConfig) -> datasets.DatasetDict:
+    import datasets
+
+    endpoint = _hub_endpoint()
+    advice = "use data.path=<a local text/jsonl/csv/parquet file>"
+    if not _offline_requested() and not host_reachable(endpoint):
+        raise DataError(
+            f"data.hub_id={cfg.hub_id!r}: the Hugging Face Hub ({endpoint}) cannot be reached (no network?); "
+            f"{advice}, or set HF_HUB_OFFLINE=1 to use a copy in the local datasets cache"
+        )
+    try:
+        return datasets.load_dataset(cfg.hub_id, cfg.hub_config)
+    except Exception as e:  # datasets raises many types: connection, not found, offline cache miss
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "offline and not in the local datasets cache" if _offline_requested() else "could not be loaded"
+        raise DataError(f"data.hub_id={cfg.hub_id!r}: {where} ({reason[:200]}); {advice}") from None
+
+
+class TokenStream:
+    """One long sequence of token ids on disk, read through a memmap."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        meta = json.loads(path.with_suffix(".json").read_text())
+        self.tokens = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["length"],))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @staticmethod
+    def write(path: Path, tokens: np.ndarray) -> TokenStream:
+        """Write atomically: a reader sees the whole stream or none of it."""
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tokens.tofile(tmp)
+        os.replace(tmp, path)
+        meta_tmp = path.with_suffix(f".json.tmp{os.getpid()}")
+        meta_tmp.write_text(json.dumps({"dtype": tokens.dtype.name, "length": len(tokens)}))
+        os.replace(meta_tmp, path.with_suffix(".json"))
+        return TokenStream(path)
+
+    def windows(self, starts: np.ndarray, length: int) -> torch.Tensor:
+        """(len(starts), length) int64 tensor of the windows starting at `starts`, gathered in one indexing."""
+        idx = starts[:, None] + np.arange(length)
+        return torch.from_numpy(self.tokens[idx].astype(np.int64))
+
+
+@dataclass
+class PreparedData:
+    tokenizer: Tokenizer
+    train: TokenStream
+    val: TokenStream
+    cache_dir: Path
+    from_cache: bool
+    description: str
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MINITX_CACHE", Path.home() / ".cache" / "minitx"))
+
+
+def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, min_tokens: int) -> PreparedData:
+    """Load the corpus, train or load the tokenizer, and tokenize into cached streams (once per corpus)."""
+    corpus = load_corpus(data_cfg)
+    key = hashlib.sha256(f"{corpus.fingerprint}|{tokenizer_spec(tok_cfg)}".encode()).hexdigest()[:20]
+    cache = Path(data_cfg.cache_dir) if data_cfg.cache_dir else default_cache_dir()
+    cache = cache / key
+    done = cache / "done.json"
+    if done.exists():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(cache / "tokenizer.json"))
+        train, val = TokenStream(cache / "train.bin"), TokenStream(cache / "val.bin")
+        from_cache = True
+    else:
+        cache.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        tokenizer = build_tokenizer(tok_cfg, _texts(corpus.train, corpus.text_column))
+        train_tokens = _tokenize(corpus.train, corpus.text_column, tokenizer)
+        if corpus.val is not None:
+            val_tokens = _tokenize(corpus.val, corpus.text_column, tokenizer)
+        else:  # deterministic held-out slice: the end of the stream, as nanoGPT does
+            n_val = int(len(train_tokens) * data_cfg.val_fraction)
+            cut = len(train_tokens) - n_val
+            train_tokens, val_tokens = train_tokens[:cut], train_tokens[cut:]
+        tmp = cache / f"tokenizer.json.tmp{os.getpid()}"
+        tokenizer.save(str(tmp))
+        os.replace(tmp, cache / "tokenizer.json")
+        train = TokenStream.write(cache / "train.bin", train_tokens)
+        val = TokenStream.write(cache / "val.bin", val_tokens)
+        done.write_text(json.dumps({"tokenizer": tokenizer_hash(tokenizer), "source": corpus.description}))
+        log.info("tokenized %s into %d + %d tokens in %.1f s", corpus.description, len(train), len(val),
+                 time.perf_counter() - t0)
+        from_cache = False
+    for name, stream in (("training", train), ("validation", val)):
+        if len(stream) < min_tokens:
+            raise DataError(
+                f"{corpus.description}: the {name} split has {len(stream)} tokens, fewer than "
+                f"model.block_size + 1 = {min_tokens}; lower model.block_size or use a larger corpus"
+            )
+    return PreparedData(tokenizer, train, val, cache, from_cache, corpus.description)
+
+
+def _texts(ds: datasets.Dataset, column: str) -> Iterator[str]:
+    for batch in ds.iter(batch_size=1000):
+        yield from (t for t in batch[column] if t)
+
+
+def _tokenize(ds: datasets.Dataset, column: str, tokenizer: Tokenizer) -> np.ndarray:
+    """Batched map over the documents, then one vectorised join: doc EOT doc EOT ..."""
+    import pyarrow.compute as pc
+
+    def encode(batch: dict) -> dict:
+        texts = [t or "" for t in batch[column]]
+        return {"ids": [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]}
+
+    encoded = ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names,
+                     keep_in_memory=True, new_fingerprint=f"{ds._fingerprint}-{tokenizer_hash(tokenizer)}")
+    ids = encoded.data.column("ids")
+    flat = pc.list_flatten(ids).to_numpy()
+    lengths = pc.list_value_length(ids).to_numpy()
+    dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
+    out = np.empty(len(flat) + len(lengths), dtype=dtype)
+    eot_at = np.cumsum(lengths + 1) - 1  # each document is followed by EOT
+    is_eot = np.zeros(len(out), dtype=bool)
+    is_eot[eot_at] = True
+    out[is_eot] = tokenizer.token_to_id(EOT)
+    out[~is_eot] = flat
+    return out
+
+
+class RandomWindows(IterableDataset):
+    """Endless training batches: (x, y) of random windows, batch `step` drawn from rng(seed, rank, step)."""
+
+    def __init__(self, stream: TokenStream, block_size: int, batch_size: int, seed: int, rank: int = 0,
+                 start_step: int = 0):
+        self.stream, self.block_size, self.batch_size = stream, block_size, batch_size
+        self.seed, self.rank, self.start_step = seed, rank, start_step
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.rank, step])
+        starts = rng.integers(0, len(self.stream) - self.block_size, size=self.batch_size)
+        w = self.stream.windows(starts, self.block_size + 1)
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        step = self.start_step
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+class FixedWindows(Dataset):
+    """Validation batches: windows evenly spaced over the whole stream, the same for every run and seed."""
+
+    def __init__(self, stream: TokenStream, block_size: int, batch_size: int, n_batches: int):
+        starts = np.linspace(0, len(stream) - block_size - 1, num=batch_size * n_batches).astype(np.int64)
+        self.starts = starts.reshape(n_batches, batch_size)
+        self.stream, self.block_size = stream, block_size
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.stream.windows(self.starts[i], self.block_size + 1)
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+
+class TokenDataModule(L.LightningDataModule):
+    """Serves prepared token streams to Lightning; batches are built whole, so loaders use batch_size=None."""
+
+    def __init__(self, data: PreparedData, cfg: DataConfig, block_size: int, seed: int):
+        super().__init__()
+        self.data, self.cfg, self.block_size, self.seed = data, cfg, block_size, seed
+
+    def train_dataloader(self) -> DataLoader:
+        rank = self.trainer.global_rank if self.trainer else 0
+        windows = RandomWindows(self.data.train, self.block_size, self.cfg.batch_size, self.seed, rank)
+        return DataLoader(windows, batch_size=None, pin_memory=torch.cuda.is_available())
+
+    def val_dataloader(self) -> DataLoader:
+        windows = FixedWindows(self.data.val, self.block_size, self.cfg.batch_size, self.cfg.val_batches)
+        return DataLoader(windows, batch_size=None, pin_memory=torch.cuda.is_available())

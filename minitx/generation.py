@@ -1,0 +1,65 @@
+"""Autoregressive sampling with a preallocated KV cache: one token through the model per step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from minitx.model import GPT
+
+
+def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Pick the next token (B, 1) from logits (B, V): greedy when temperature <= 0, else top-k / top-p sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:  # nucleus: the smallest set of tokens whose probability reaches top_p
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep the token that crosses top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
+
+
+@torch.inference_mode()
+def generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float = 1.0, generator: torch.Generator | None = None,
+             use_cache: bool = True) -> Iterator[int]:
+    """Yield new token ids one at a time.
+
+    Past `block_size` the context is cropped: without a cache to the last `block_size` tokens each step
+    (as nanoGPT does); with the cache, once it is full it is refilled from the last 3/4 of a block, so the
+    per-token cost stays one position except for one prefill every block_size/4 tokens.
+    """
+    block = model.config.block_size
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    tokens = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
+    if not use_cache:
+        for _ in range(max_new_tokens):
+            logits = model.next_token_logits(tokens[:, -block:])
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            tokens = torch.cat([tokens, nxt], dim=1)
+            yield int(nxt)
+        return
+    keep = max(1, block * 3 // 4)
+    caches = model.new_caches(1, device, dtype)
+    feed = tokens[:, -block:]  # what goes through the model this step; the cache holds the rest
+    context = tokens[:, -block:]  # everything the cache will hold, kept to refill it
+    for _ in range(max_new_tokens):
+        logits = model.next_token_logits(feed, caches)
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        yield int(nxt)
+        context = torch.cat([context[:, -(block - 1):], nxt], dim=1)
+        if caches[0].length < block:
+            feed = nxt
+        else:  # full: start over from the most recent tokens
+            for cache in caches:
+                cache.length = 0
+            feed = context[:, -keep:]

@@ -1,0 +1,118 @@
+"""The transformer: a pre-LayerNorm block stacked into a trunk, and the decoder-only GPT on top of it.
+
+The trunk is shared by every model head; a GPT is the trunk with a causal mask and an LM head tied
+to the token embedding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minitx.attention import KVCache, MultiHeadSelfAttention
+from minitx.config import ModelConfig
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: ModelConfig, causal: bool):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = MultiHeadSelfAttention(
+            config.n_embd, config.n_head, config.attention, causal, config.dropout, config.bias
+        )
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """Token + position embeddings, N blocks, final LayerNorm: tokens (B, T) -> hidden states (B, T, C)."""
+
+    def __init__(self, config: ModelConfig, causal: bool):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, causal) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+
+    def forward(self, idx: Tensor, caches: list[KVCache] | None = None) -> Tensor:
+        T = idx.size(1)
+        start = caches[0].length if caches else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds model.block_size={self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, caches[i] if caches else None)
+        return self.ln_f(x)
+
+    def set_attention(self, kernel: str) -> None:
+        """Switch every layer to another kernel of minitx.attention.KERNELS."""
+        for block in self.blocks:
+            block.attn.attention = kernel
+
+
+def init_weights(model: nn.Module, n_layer: int) -> None:
+    """GPT-2 init: N(0, 0.02) weights, zero biases, residual projections scaled by 1/√(2·n_layer)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    for name, p in model.named_parameters():
+        if name.endswith(("attn.proj.weight", "mlp.proj.weight")):  # the two writes into the residual stream
+            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+
+class GPT(nn.Module):
+    """Decoder-only language model: causal trunk + LM head tied to the token embedding."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config, causal=True)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.tok_emb.weight  # weight tying
+        init_weights(self, config.n_layer)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, T, V) for every position; with targets (B, T), also the mean cross-entropy."""
+        logits = self.lm_head(self.transformer(idx))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def next_token_logits(self, idx: Tensor, caches: list[KVCache] | None = None) -> Tensor:
+        """Logits (B, V) for the position after `idx`; only the last position goes through the LM head."""
+        return self.lm_head(self.transformer(idx, caches)[:, -1])
+
+    def new_caches(self, batch: int, device: torch.device, dtype: torch.dtype) -> list[KVCache]:
+        c = self.config
+        return [KVCache(batch, c.n_head, c.block_size, c.n_embd // c.n_head, device, dtype) for _ in range(c.n_layer)]
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; the position table is left out by default, as in the GPT papers."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.pos_emb.weight.numel() if non_embedding else n

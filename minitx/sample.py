@@ -1,0 +1,121 @@
+"""`minitx-sample ckpt=<path> prompt="..." ...`: stream text from a checkpoint.
+
+Arguments are `key=value` pairs read literally (no YAML parsing), so a prompt keeps its spaces and
+quotes; defaults come from conf/sample.yaml.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from minitx.config import ConfigError, fail, from_mapping
+
+SAMPLE_YAML = Path(__file__).resolve().parent.parent / "conf" / "sample.yaml"
+
+
+@dataclass
+class SampleConfig:
+    ckpt: str | None
+    prompt: str
+    max_new_tokens: int
+    num_samples: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    device: str
+    use_cache: bool
+
+    def validate(self) -> SampleConfig:
+        if not self.ckpt:
+            fail("ckpt", self.ckpt, "required: minitx-sample ckpt=<path to a .ckpt written by minitx-train>")
+        if self.max_new_tokens < 0:
+            fail("max_new_tokens", self.max_new_tokens, "must be >= 0")
+        if self.num_samples <= 0:
+            fail("num_samples", self.num_samples, "must be > 0")
+        if self.top_k < 0:
+            fail("top_k", self.top_k, "must be >= 0 (0 turns it off)")
+        if not 0.0 < self.top_p <= 1.0:
+            fail("top_p", self.top_p, "must be in (0, 1]")
+        if self.device not in ("auto", "cpu", "cuda"):
+            fail("device", self.device, "choose auto, cpu or cuda")
+        return self
+
+
+def parse_args(argv: list[str]) -> SampleConfig:
+    defaults = OmegaConf.to_container(OmegaConf.load(SAMPLE_YAML))
+    assert isinstance(defaults, dict)
+    values = dict(defaults)
+    for arg in argv:
+        key, sep, raw = arg.partition("=")
+        if not sep:
+            raise ConfigError(f"{arg!r}: expected key=value, e.g. ckpt=outputs/.../best.ckpt")
+        if key not in defaults:
+            raise ConfigError(f"{key}: unknown key; known keys are {sorted(defaults)}")
+        values[key] = _literal(raw, defaults[key], key)
+    return from_mapping(SampleConfig, values).validate()
+
+
+def _literal(raw: str, default: object, key: str) -> object:
+    """Convert a command-line string to the type of the key's default; strings stay exactly as typed."""
+    try:
+        if isinstance(default, bool):
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return raw.lower() in ("true", "1")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        fail(key, raw, f"expected a {type(default).__name__}")
+    return raw
+
+
+def sample(cfg: SampleConfig, out=sys.stdout) -> list[str]:
+    """Stream `num_samples` samples to `out`; return them."""
+    import torch
+
+    from minitx.checkpoint import load
+    from minitx.generation import generate
+    from minitx.tokenizer import EOT, stream_decode, unknown_chars
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if device == "cuda" and not torch.cuda.is_available():
+        fail("device", cfg.device, "no CUDA device here; use device=cpu")
+    loaded = load(cfg.ckpt, device)
+    tokenizer = loaded.tokenizer
+    unknown = unknown_chars(tokenizer, cfg.prompt)
+    if unknown:
+        fail("prompt", cfg.prompt, f"characters the tokenizer has never seen: {unknown}")
+    prompt = tokenizer.encode(cfg.prompt, add_special_tokens=False).ids or [tokenizer.token_to_id(EOT)]
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    samples = []
+    for i in range(cfg.num_samples):
+        if cfg.num_samples > 1:
+            print(f"--- sample {i + 1} ---", file=out)
+        print(cfg.prompt, end="", file=out, flush=True)
+        pieces = []
+        ids = generate(loaded.model, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p,
+                       generator, use_cache=cfg.use_cache)
+        for piece in stream_decode(tokenizer, ids):
+            pieces.append(piece)
+            print(piece, end="", file=out, flush=True)
+        print(file=out, flush=True)
+        samples.append(cfg.prompt + "".join(pieces))
+    return samples
+
+
+def main(argv: list[str] | None = None) -> None:
+    from minitx.train import exit_on_user_error
+
+    with exit_on_user_error():
+        sample(parse_args(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Tokenizers, all Hugging Face `tokenizers` objects: char-level, byte-level BPE, or a tokenizer.json.
+
+Every tokenizer minitx trains starts its vocabulary with the same special tokens, so the end-of-text
+separator and the unknown token have the same ids whatever the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from minitx.config import ConfigError, TokenizerConfig
+
+EOT = "<|endoftext|>"  # joins documents in the token stream; an empty prompt starts from it
+UNK = "[UNK]"  # a character the char vocabulary has never seen
+SPECIAL_TOKENS = [EOT, UNK]
+
+
+def train_char_tokenizer(texts: Iterable[str]) -> Tokenizer:
+    """One token per character seen in `texts`; others become [UNK] (prompts refuse them, see unknown_chars)."""
+    chars: set[str] = set()
+    for text in texts:
+        chars.update(text)
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + sorted(chars))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    # "[\s\S]" is any character, newlines included ("." drops them)
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()  # join characters back without spaces
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    return tokenizer
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE (GPT-2 style): never meets an unknown character."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def build_tokenizer(cfg: TokenizerConfig, texts: Iterable[str]) -> Tokenizer:
+    """Load `tokenizer.path`, or train the configured kind on `texts` (the training split)."""
+    if cfg.path is not None:
+        return load_tokenizer_file(cfg.path)
+    if cfg.kind == "char":
+        return train_char_tokenizer(texts)
+    return train_bpe_tokenizer(texts, cfg.vocab_size)
+
+
+def load_tokenizer_file(path: str) -> Tokenizer:
+    if not Path(path).is_file():
+        raise ConfigError(f"tokenizer.path={path!r}: no such file")
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise ConfigError(f"tokenizer.path={path!r}: not a tokenizer.json ({e})") from None
+    if tokenizer.token_to_id(EOT) is None:
+        tokenizer.add_special_tokens([EOT])  # the token stream needs a separator
+    return tokenizer
+
+
+def tokenizer_spec(cfg: TokenizerConfig) -> str:
+    """What decides the trained tokenizer, besides the corpus: part of the token cache's key."""
+    if cfg.path is not None:
+        return "file:" + hashlib.sha256(Path(cfg.path).read_bytes()).hexdigest()
+    return f"{cfg.kind}:{cfg.vocab_size}" if cfg.kind == "bpe" else "char"
+
+
+def tokenizer_hash(tokenizer: Tokenizer) -> str:
+    return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+def is_char_level(tokenizer: Tokenizer) -> bool:
+    return isinstance(tokenizer.model, models.WordLevel) and isinstance(tokenizer.pre_tokenizer, pre_tokenizers.Split)
+
+
+def unknown_chars(tokenizer: Tokenizer, text: str) -> list[str]:
+    """Characters of `text` that a char-level tokenizer would turn into [UNK]."""
+    if not is_char_level(tokenizer):
+        return []
+    vocab = tokenizer.get_vocab()
+    return sorted({ch for ch in text if ch not in vocab})
+
+
+def stream_decode(tokenizer: Tokenizer, ids: Iterable[int]) -> Iterator[str]:
+    """Text pieces as ids arrive; byte-level pieces are held back until they form whole characters."""
+    stream = decoders.DecodeStream(skip_special_tokens=False)
+    for token_id in ids:
+        piece = stream.step(tokenizer, token_id)
+        if piece:
+            yield piece

@@ -1,0 +1,74 @@
+"""The GPT: causal, tied, initialised as GPT-2, validated at construction."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from minitx.config import ConfigError, ModelConfig
+from minitx.model import GPT
+
+
+@pytest.mark.parametrize("kernel", ["naive", "sdpa"])
+def test_causal_mask_hides_the_future(small_config: ModelConfig, kernel: str) -> None:
+    """Changing token t changes no logit at positions before t, and does change t's own."""
+    model = GPT(small_config).eval()
+    model.transformer.set_attention(kernel)
+    idx = torch.randint(0, 50, (1, 32), generator=torch.Generator().manual_seed(1))
+    changed = idx.clone()
+    t = 17
+    changed[0, t] = (idx[0, t] + 1) % 50
+    a, _ = model(idx)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, :t], b[:, :t], atol=0, rtol=0)
+    assert not torch.allclose(a[:, t], b[:, t])
+
+
+def test_naive_and_sdpa_models_agree(small_config: ModelConfig) -> None:
+    model = GPT(small_config)
+    idx = torch.randint(0, 50, (3, 32), generator=torch.Generator().manual_seed(2))
+    results = {}
+    for kernel in ("naive", "sdpa"):
+        model.transformer.set_attention(kernel)
+        model.zero_grad()
+        logits, loss = model(idx, idx)
+        loss.backward()
+        results[kernel] = (logits.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(results["sdpa"][0], results["naive"][0], atol=1e-5, rtol=1e-5)
+    for g, g_ref in zip(results["sdpa"][1], results["naive"][1], strict=True):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_initial_loss_is_uniform_and_head_is_tied(small_config: ModelConfig) -> None:
+    model = GPT(small_config)
+    g = torch.Generator().manual_seed(3)
+    idx, targets = torch.randint(0, 50, (2, 8, 32), generator=g)
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(50)) < 0.1  # N(0, 0.02) init predicts nearly uniformly
+    assert model.lm_head.weight is model.transformer.tok_emb.weight
+    std = model.transformer.blocks[0].attn.proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(2 * small_config.n_layer)) < 0.003
+
+
+def test_longer_than_block_size_is_refused(small_config: ModelConfig) -> None:
+    with pytest.raises(ValueError, match="block_size=32"):
+        GPT(small_config)(torch.zeros(1, 33, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"n_embd": 130, "n_head": 4}, "model.n_embd=130 is not divisible by model.n_head=4"),
+        ({"attention": "nope"}, "model.attention='nope': unknown kernel"),
+        ({"n_layer": 0}, "model.n_layer=0: must be > 0"),
+        ({"block_size": -1}, "model.block_size=-1: must be > 0"),
+        ({"dropout": 1.5}, "model.dropout=1.5"),
+    ],
+)
+def test_bad_model_config_names_the_key(changes: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        ModelConfig(**changes).validate()
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
