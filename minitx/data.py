@@ -108,7 +108,9 @@ def _load_local(path: str) -> datasets.DatasetDict:
         )
     builder = builders.pop()
     extra = {"sample_by": "document", "keep_linebreaks": True} if builder == "text" else {}
-    return datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, **extra)
+    if root.is_dir():  # split names come from file names: train.jsonl, validation.jsonl, test.jsonl, ...
+        return datasets.load_dataset(builder, data_dir=str(root), **extra)
+    return datasets.load_dataset(builder, data_files={"train": [str(root)]}, **extra)
 
 
 def _hub_endpoint() -> str:

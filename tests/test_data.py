@@ -1,0 +1,130 @@
+"""Corpora load through `datasets`, tokenize once, and serve deterministic windows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minitx.config import DataConfig, TokenizerConfig
+from minitx.data import DataError, FixedWindows, RandomWindows, prepare_data
+from minitx.tokenizer import EOT
+
+
+def prepare(tmp_path: Path, **data: object) -> object:
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"), **data)  # type: ignore[arg-type]
+    return prepare_data(cfg, TokenizerConfig(kind="char"), min_tokens=17)
+
+
+def test_text_file_is_one_document_and_cache_is_reused(tmp_path: Path, text_file: Path) -> None:
+    first = prepare(tmp_path, path=str(text_file))
+    assert not first.from_cache
+    text = text_file.read_text()
+    n = len(text) + 1  # one document + EOT
+    assert len(first.train) + len(first.val) == n
+    assert len(first.val) == int(n * 0.1)  # held-out tail
+    stream = np.concatenate([first.train.tokens, first.val.tokens])
+    assert first.tokenizer.decode(stream[:-1].tolist()) == text
+    assert stream[-1] == first.tokenizer.token_to_id(EOT)
+    files = sorted(first.cache_dir.iterdir())
+    mtimes = [f.stat().st_mtime_ns for f in files]
+
+    second = prepare(tmp_path, path=str(text_file))
+    assert second.from_cache and second.cache_dir == first.cache_dir
+    assert [f.stat().st_mtime_ns for f in sorted(second.cache_dir.iterdir())] == mtimes  # nothing rewritten
+    np.testing.assert_array_equal(second.train.tokens, first.train.tokens)
+    assert second.train.tokens.dtype == np.uint16
+
+
+def test_changed_corpus_gets_a_new_cache(tmp_path: Path, text_file: Path) -> None:
+    first = prepare(tmp_path, path=str(text_file))
+    text_file.write_text(text_file.read_text() + "one more line\n")
+    os.utime(text_file, (time.time() + 5, time.time() + 5))
+    second = prepare(tmp_path, path=str(text_file))
+    assert second.cache_dir != first.cache_dir and not second.from_cache
+
+
+def test_jsonl_many_rows_joined_by_separator(tmp_path: Path) -> None:
+    rows = [{"body": f"document number {i}", "id": i} for i in range(300)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    data = prepare(tmp_path, path=str(path), text_column="body")
+    stream = np.concatenate([data.train.tokens, data.val.tokens])
+    eot = data.tokenizer.token_to_id(EOT)
+    assert (stream == eot).sum() == 300
+    first_doc = stream[: int(np.argmax(stream == eot))]
+    assert data.tokenizer.decode(first_doc.tolist()) == "document number 0"
+
+
+def test_directory_with_a_validation_file_uses_it(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.jsonl").write_text("\n".join(json.dumps({"text": f"train val {i}"}) for i in range(50)))
+    (tmp_path / "d" / "validation.jsonl").write_text("\n".join(json.dumps({"text": f"val {i}"}) for i in range(9)))
+    data = prepare(tmp_path, path=str(tmp_path / "d"))
+    assert len(data.val) == sum(len(f"val {i}") + 1 for i in range(9))
+    assert len(data.train) == sum(len(f"train val {i}") + 1 for i in range(50))
+    assert data.tokenizer.decode(data.val.tokens[:5].tolist()) == "val 0"
+
+
+def test_windows_depend_only_on_seed_rank_step(tmp_path: Path, text_file: Path) -> None:
+    data = prepare(tmp_path, path=str(text_file))
+    a = RandomWindows(data.train, 16, 4, seed=1)
+    b = RandomWindows(data.train, 16, 4, seed=1, start_step=5)
+    x5, y5 = a.batch(5)
+    xb, _ = next(iter(b))  # resuming at step 5 draws step 5's batch
+    assert np.array_equal(x5, xb)
+    assert np.array_equal(x5[:, 1:], y5[:, :-1])  # targets are inputs shifted by one
+    assert x5.shape == (4, 16)
+    other_rank = RandomWindows(data.train, 16, 4, seed=1, rank=1)
+    assert not np.array_equal(other_rank.batch(5)[0], x5)
+    assert not np.array_equal(a.batch(6)[0], x5)
+    v1, v2 = FixedWindows(data.val, 16, 4, 3), FixedWindows(data.val, 16, 4, 3)
+    assert len(v1) == 3 and np.array_equal(v1[2][0], v2[2][0])
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"data\.path=.*no such file or directory"):
+        prepare(tmp_path, path=str(tmp_path / "nope.txt"))
+
+
+def test_missing_text_column(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"body": "x"}\n')
+    with pytest.raises(DataError, match=r"data.text_column='text' is not a column.*\['body'\]"):
+        prepare(tmp_path, path=str(path))
+
+
+def test_corpus_shorter_than_a_window(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.txt"
+    path.write_text("abcdefghij" * 5)
+    with pytest.raises(DataError, match=r"fewer than model.block_size \+ 1 = 17"):
+        prepare(tmp_path, path=str(path))
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"HF_ENDPOINT": "http://127.0.0.1:9"}, {"HF_HUB_OFFLINE": "1"}],
+    ids=["hub-unreachable", "hf-offline"],
+)
+def test_hub_without_network_fails_fast(tmp_path: Path, env: dict[str, str]) -> None:
+    code = (
+        "from minitx.config import DataConfig, TokenizerConfig\n"
+        "from minitx.data import prepare_data\n"
+        "from minitx.train import exit_on_user_error\n"
+        "with exit_on_user_error():\n"
+        "    prepare_data(DataConfig(hub_id='karpathy/tiny_shakespeare'), TokenizerConfig(), 65)\n"
+    )
+    t0 = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, **env, "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 2, result.stderr
+    assert time.perf_counter() - t0 < 30
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: data.hub_id='karpathy/tiny_shakespeare'")
+    assert "data.path=" in line

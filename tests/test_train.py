@@ -1,0 +1,188 @@
+"""End to end: the Hydra config trains a model whose loss falls, checkpoints it, and samples from it."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_text
+from hydra import compose, initialize_config_dir
+
+import minitx
+from minitx.config import ConfigError
+from minitx.sample import main as sample_main
+from minitx.sample import parse_args, sample
+from minitx.train import CONF_DIR, parse_config, train
+
+TINY = [
+    "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+    "data.batch_size=16", "data.val_batches=4", "trainer.max_steps=150", "trainer.val_check_interval=60",
+    "trainer.log_every_n_steps=10", "trainer.enable_progress_bar=false", "optim.warmup_steps=10",
+    "optim.lr=3e-3", "sample.max_new_tokens=20", "sample.prompt=the ",
+]
+
+
+def compose_config(*overrides: str) -> object:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model trained for 150 steps on a small generated corpus; its run directory."""
+    root = tmp_path_factory.mktemp("run")
+    corpus = root / "corpus.txt"
+    corpus.write_text(make_text(3000))
+    cfg = compose_config(*TINY, f"data.path={corpus}", "logger=csv")
+    train(parse_config(cfg), root)
+    return root
+
+
+def test_loss_falls_and_checkpoints_are_written(trained: Path) -> None:
+    with open(trained / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["val/loss"]]
+    steps = [int(r["step"]) for r in rows]
+    losses = [float(r["val/loss"]) for r in rows]
+    assert steps[0] == 0 and steps[-1] == 149  # initial evaluation ... final step (150 is not a multiple of 60)
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert (trained / "checkpoints" / "best.ckpt").is_file()
+    assert (trained / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_checkpoint_is_self_contained(trained: Path) -> None:
+    loaded = minitx.load(trained / "checkpoints" / "best.ckpt")
+    assert loaded.config.n_layer == 2 and loaded.config.block_size == 32
+    assert not loaded.model.training
+    assert loaded.tokenizer.decode(loaded.tokenizer.encode("the cat").ids) == "the cat"
+    assert loaded.step == 150
+
+
+def test_sample_streams_text_from_the_checkpoint(trained: Path) -> None:
+    args = [f"ckpt={trained / 'checkpoints' / 'best.ckpt'}", "prompt=the ", "max_new_tokens=60",
+            "temperature=0", "num_samples=1"]
+    out = io.StringIO()
+    [text] = sample(parse_args(args), out=out)
+    assert text.startswith("the ") and len(text) == 64
+    assert out.getvalue() == text + "\n"
+    assert " the " in text  # it learnt the corpus's most common word
+    # within one block (4 + 28 = block_size) greedy text is the same with and without the KV cache
+    within_block = [*args[:2], "max_new_tokens=28", "temperature=0"]
+    cached = sample(parse_args(within_block), out=io.StringIO())
+    assert sample(parse_args([*within_block, "use_cache=false"]), out=io.StringIO()) == cached
+    assert cached[0] == text[:32]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["ckpt=missing.ckpt"], "error: ckpt='missing.ckpt': no such file"),
+        (["prompt=x"], "error: ckpt=None: required"),
+        (["ckpt=x", "top_p=0"], "error: top_p=0.0: must be in (0, 1]"),
+        (["ckpt=x", "temperatur=1"], "error: temperatur: unknown key"),
+        (["ckpt=x", "max_new_tokens=many"], "error: max_new_tokens='many': expected a int"),
+    ],
+)
+def test_sample_bad_inputs(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        sample_main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and "\n" not in err
+
+
+def test_sample_refuses_non_checkpoints(tmp_path: Path, trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes((trained / "checkpoints" / "best.ckpt").read_bytes()[:5000])
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {}}, plain)
+    unknown_chars = [f"ckpt={trained / 'checkpoints' / 'best.ckpt'}", "prompt=the Ω"]
+    for args, message in [
+        ([f"ckpt={text}"], "not a checkpoint"),
+        ([f"ckpt={truncated}"], "not a checkpoint"),
+        ([f"ckpt={plain}"], "not a minitx checkpoint"),
+        (unknown_chars, "characters the tokenizer has never seen: ['Ω']"),
+    ]:
+        with pytest.raises(SystemExit):
+            sample_main(args)
+        assert message in capsys.readouterr().err
+
+
+class _RunsCode:
+    def __reduce__(self) -> tuple:
+        return (os.system, ("touch pwned",))
+
+
+def test_checkpoint_whose_pickle_runs_code_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"minitx": {}, "payload": _RunsCode()}, evil)
+    with pytest.raises(minitx.checkpoint.CheckpointError, match="refused"):
+        minitx.load(evil)
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.n_embd=130", "model.n_head=4"], "model.n_embd=130 is not divisible by model.n_head=4"),
+        (["model.attention=nope"], "model.attention='nope': unknown kernel; choose one of ['naive', 'sdpa']"),
+        (["optim.warmup_steps=5000"], "optim.warmup_steps=5000: must be in [0, trainer.max_steps=1500]"),
+        (["optim.lr=0"], "optim.lr=0.0: must be > 0"),
+        (["trainer.precision=fp8"], "trainer.precision='fp8'"),
+        (["tokenizer.kind=sentencepiece"], "tokenizer.kind='sentencepiece'"),
+        (["model.n_layer=two"], "model.n_layer='two': expected int"),
+    ],
+)
+def test_bad_config_fails_at_start_up(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(compose_config(*overrides))
+    assert str(e.value).startswith(message)
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(list(args), capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_command_line_train_then_sample(tmp_path: Path) -> None:
+    """The real console scripts, the default wandb logger (offline), Hydra's output directory."""
+    (tmp_path / "corpus.txt").write_text(make_text(500))
+    run_dir = tmp_path / "run"
+    result = run_cli("minitx-train", *TINY, "trainer.max_steps=30", "data.path=corpus.txt",
+                     f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = run_dir / "checkpoints" / "best.ckpt"
+    assert f"checkpoint: {ckpt}" in result.stdout
+    assert "sample:\nthe" in result.stdout  # Hydra strips the trailing space of sample.prompt=the
+    assert (run_dir / ".hydra" / "config.yaml").is_file()  # the resolved config is saved with the run
+    assert list((run_dir / "wandb").glob("offline-run-*")), "wandb should have written an offline run"
+
+    result = run_cli("minitx-sample", f"ckpt={ckpt}", "prompt=the ", "max_new_tokens=30", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("the ") and len(result.stdout) >= 30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["model.n_embd=130", "model.n_head=4"], "error: model.n_embd=130 is not divisible by model.n_head=4"),
+        (["data.path=missing.txt"], "error: data.path='missing.txt': no such file or directory"),
+        (["data.path=short.txt"], "error: data.path=short.txt: the training split has"),
+    ],
+)
+def test_command_line_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    (tmp_path / "short.txt").write_text("too short")
+    result = run_cli("minitx-train", "logger=none", *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(message), result.stderr
+    assert "Traceback" not in result.stderr
