@@ -186,3 +186,16 @@ def test_command_line_errors_are_one_line(tmp_path: Path, args: list[str], messa
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith(message), result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_multirun_sweep_writes_one_run_per_value(tmp_path: Path) -> None:
+    (tmp_path / "corpus.txt").write_text(make_text(500))
+    sweep = tmp_path / "sweep"
+    result = run_cli("minitx-train", "-m", "model.attention=naive,sdpa", *TINY, "trainer.max_steps=20",
+                     "sample.max_new_tokens=0", "logger=none", "data.path=corpus.txt", f"hydra.sweep.dir={sweep}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job, kernel in ((0, "naive"), (1, "sdpa")):
+        assert f"model.attention={kernel}" in (sweep / str(job) / ".hydra" / "overrides.yaml").read_text()
+        assert minitx.load(sweep / str(job) / "checkpoints" / "best.ckpt").config.attention == kernel
