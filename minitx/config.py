@@ -148,9 +148,29 @@ class TrainerConfig:
         )
         if str(self.precision) not in PRECISIONS:
             fail("trainer.precision", self.precision, f"choose one of {list(PRECISIONS)}")
+        self._check_device()
         if self.gradient_clip_val < 0:
             fail("trainer.gradient_clip_val", self.gradient_clip_val, "must be >= 0 (0 disables clipping)")
         return self
+
+    def _check_device(self) -> None:
+        """Refuse what the machine cannot run, before Lightning fails (or silently does something else)."""
+        import torch
+
+        gpus = torch.cuda.device_count()
+        on_gpu = self.accelerator in ("gpu", "cuda") or (self.accelerator == "auto" and gpus > 0)
+        if self.accelerator in ("gpu", "cuda") and gpus == 0:
+            fail("trainer.accelerator", self.accelerator, "no CUDA GPU here; use trainer.accelerator=cpu (or auto)")
+        if on_gpu and isinstance(self.devices, int) and self.devices > gpus:
+            fail("trainer.devices", self.devices, f"only {gpus} GPU(s) here")
+        if isinstance(self.devices, int) and self.devices <= 0 and self.devices != -1:
+            fail("trainer.devices", self.devices, "must be > 0, -1 (all) or auto")
+        precision = str(self.precision)
+        if not on_gpu and precision.startswith("16"):
+            fail("trainer.precision", precision, "float16 needs a GPU (on CPU Lightning would silently run "
+                 "bf16-mixed); use 32-true, or bf16-mixed on a CPU with bf16 hardware")
+        if on_gpu and precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
+            fail("trainer.precision", precision, "this GPU has no bfloat16; use 16-mixed or 32-true")
 
 
 @dataclass
@@ -162,6 +182,33 @@ class LoggerConfig:
     def validate(self) -> LoggerConfig:
         if self.kind not in ("wandb", "csv", "none"):
             fail("logger.kind", self.kind, "choose wandb, csv or none")
+        return self
+
+
+@dataclass
+class CheckpointConfig:
+    """Periodic checkpoints besides best.ckpt (by val/loss): step-NNNNNN.ckpt and last.ckpt, written atomically."""
+
+    every_n_steps: int = 250
+    keep_last: int = 2  # periodic checkpoints kept; older ones are deleted
+
+    def validate(self) -> CheckpointConfig:
+        check_positive("checkpoint", self, "every_n_steps", "keep_last")
+        return self
+
+
+@dataclass
+class GuardConfig:
+    """What a non-finite loss or gradient norm does: stop the run (default) or skip the step, up to max_skips."""
+
+    on_nonfinite: str = "stop"  # stop | skip
+    max_skips: int = 10
+
+    def validate(self) -> GuardConfig:
+        if self.on_nonfinite not in ("stop", "skip"):
+            fail("guard.on_nonfinite", self.on_nonfinite, "choose stop or skip")
+        if self.max_skips < 0:
+            fail("guard.max_skips", self.max_skips, "must be >= 0")
         return self
 
 
@@ -183,7 +230,10 @@ class TrainConfig:
     optim: OptimConfig
     trainer: TrainerConfig
     logger: LoggerConfig
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     sample: SampleAfterConfig = field(default_factory=SampleAfterConfig)
+    resume: str | None = None  # a run directory or a .ckpt: continue that run exactly where it stopped
 
     def validate(self) -> TrainConfig:
         self.model.validate()
@@ -192,6 +242,12 @@ class TrainConfig:
         self.trainer.validate()
         self.optim.validate(self.trainer.max_steps)
         self.logger.validate()
+        self.checkpoint.validate()
+        self.guard.validate()
+        devices = self.trainer.devices
+        several = (isinstance(devices, int) and devices != 1) or (isinstance(devices, list) and len(devices) > 1)
+        if self.guard.on_nonfinite == "skip" and (several or self.trainer.num_nodes > 1):
+            fail("guard.on_nonfinite", "skip", "skipping a step is for single-process runs (ranks would disagree)")
         return self
 
 

@@ -315,8 +315,10 @@ class TokenDataModule(L.LightningDataModule):
         self.data, self.cfg, self.block_size, self.seed = data, cfg, block_size, seed
 
     def train_dataloader(self) -> DataLoader:
+        """Called after a checkpoint is restored, so a resumed run starts at the batch after its last one."""
         rank = self.trainer.global_rank if self.trainer else 0
-        windows = RandomWindows(self.data.train, self.block_size, self.cfg.batch_size, self.seed, rank)
+        start = getattr(self.trainer.lightning_module, "batches_seen", 0) if self.trainer else 0
+        windows = RandomWindows(self.data.train, self.block_size, self.cfg.batch_size, self.seed, rank, start)
         return DataLoader(windows, batch_size=None, pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from omegaconf import OmegaConf
 
@@ -76,8 +77,8 @@ def _literal(raw: str, default: object, key: str) -> object:
     return raw
 
 
-def sample(cfg: SampleConfig, out=sys.stdout) -> list[str]:
-    """Stream `num_samples` samples to `out`; return them."""
+def sample(cfg: SampleConfig, out: TextIO = sys.stdout) -> None:
+    """Stream `num_samples` samples to `out`, each piece as it is decoded: memory stays bounded."""
     import torch
 
     from minitx.checkpoint import load
@@ -94,20 +95,15 @@ def sample(cfg: SampleConfig, out=sys.stdout) -> list[str]:
         fail("prompt", cfg.prompt, f"characters the tokenizer has never seen: {unknown}")
     prompt = tokenizer.encode(cfg.prompt, add_special_tokens=False).ids or [tokenizer.token_to_id(EOT)]
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    samples = []
     for i in range(cfg.num_samples):
         if cfg.num_samples > 1:
             print(f"--- sample {i + 1} ---", file=out)
         print(cfg.prompt, end="", file=out, flush=True)
-        pieces = []
         ids = generate(loaded.model, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p,
                        generator, use_cache=cfg.use_cache)
         for piece in stream_decode(tokenizer, ids):
-            pieces.append(piece)
             print(piece, end="", file=out, flush=True)
         print(file=out, flush=True)
-        samples.append(cfg.prompt + "".join(pieces))
-    return samples
 
 
 def main(argv: list[str] | None = None) -> None:

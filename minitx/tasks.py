@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
-from minitx.config import ModelConfig, OptimConfig
+from minitx.config import GuardConfig, MinitxError, ModelConfig, OptimConfig
 from minitx.model import GPT
 
 CHECKPOINT_KEY = "minitx"  # the part of a .ckpt that rebuilds model and tokenizer without any config
+
+
+class NonFiniteError(MinitxError):
+    """The loss or the gradient norm stopped being a finite number."""
 
 
 def lr_at(step: int, cfg: OptimConfig, decay_steps: int) -> float:
@@ -36,24 +41,61 @@ def adamw(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 
 class CausalLM(L.LightningModule):
-    """Next-token prediction with a GPT. Logs train/loss, val/loss, val/ppl, val/bpc (char tokenizers), lr."""
+    """Next-token prediction with a GPT. Logs train/loss, val/loss, val/ppl, val/bpc (char tokenizers), lr.
+
+    Everything a resumed run needs beyond Lightning's own state travels in the checkpoint: the number of
+    training batches drawn (the data position), the RNG states, the run config and the tokenizer.
+    """
 
     def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, max_steps: int, tokenizer_json: str,
-                 char_level: bool):
+                 char_level: bool, guard: GuardConfig | None = None, run_config: dict[str, Any] | None = None):
         super().__init__()
         self.model_cfg, self.optim_cfg = model_cfg, optim_cfg
         self.decay_steps = optim_cfg.decay_steps or max_steps
         self.tokenizer_json, self.char_level = tokenizer_json, char_level
+        self.guard = guard or GuardConfig()
+        self.run_config = run_config or {}
         self.model = GPT(model_cfg)
+        self.batches_seen = 0  # training batches drawn so far: where the data stream resumes
+        self.skipped_steps = 0
         self.initial_val_loss: float | None = None
         self._val_losses: list[torch.Tensor] = []
+        self._rng_to_restore: dict[str, Any] | None = None
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        self.batches_seen += 1
         x, y = batch
         _, loss = self.model(x, y)
+        if not torch.isfinite(loss):
+            return self._nonfinite("loss", loss)
         self.log("train/loss", loss, prog_bar=True)
         self.log("lr", self.lr_schedulers().get_last_lr()[0])  # type: ignore[union-attr]
         return loss
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip by global norm (trainer.gradient_clip_val; 0 = off), and check that norm is finite."""
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val or math.inf)
+        if self.trainer.precision == "16-mixed":
+            return  # float16's grad scaler expects overflows: it skips those steps and lowers its scale
+        if not torch.isfinite(norm):
+            self._nonfinite("gradient norm", norm)
+            optimizer.zero_grad(set_to_none=True)  # skip: AdamW leaves parameters without gradients alone
+
+    def _nonfinite(self, what: str, value: torch.Tensor) -> None:
+        step = self.trainer.global_step + 1
+        if self.guard.on_nonfinite == "skip" and self.skipped_steps < self.guard.max_skips:
+            self.skipped_steps += 1
+            self.print(f"warning: non-finite {what} ({float(value)}) at step {step}: step skipped "
+                       f"({self.skipped_steps}/{self.guard.max_skips})")
+            return None
+        written = [Path(p) for cb in self.trainer.checkpoint_callbacks for p in (cb.last_model_path, cb.best_model_path)
+                   if p and Path(p).exists()]
+        last_good = max(written, key=lambda p: p.stat().st_mtime) if written else "none yet"
+        raise NonFiniteError(
+            f"non-finite {what} ({float(value)}) at step {step}; stopped. Last good checkpoint: {last_good} "
+            "(guard.on_nonfinite=skip skips such steps)"
+        )
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -81,8 +123,29 @@ class CausalLM(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint[CHECKPOINT_KEY] = {
             "task": "causal_lm",
             "model": dataclasses.asdict(self.model_cfg),
             "tokenizer": self.tokenizer_json,
+            "config": self.run_config,
+            "batches_seen": self.batches_seen,
+            "skipped_steps": self.skipped_steps,
+            "rng": rng,
+            "logger_run_id": getattr(self.logger, "version", None) if self.logger else None,
         }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint[CHECKPOINT_KEY]
+        self.batches_seen = meta["batches_seen"]
+        self.skipped_steps = meta.get("skipped_steps", 0)
+        self._rng_to_restore = meta["rng"]
+
+    def on_train_start(self) -> None:
+        if self._rng_to_restore is not None:  # restored here, so nothing between loading and step 1 draws from it
+            torch.set_rng_state(self._rng_to_restore["torch"])
+            if "cuda" in self._rng_to_restore and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(self._rng_to_restore["cuda"])
+            self._rng_to_restore = None

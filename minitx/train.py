@@ -16,7 +16,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from minitx.config import ConfigError, LoggerConfig, MinitxError, TrainConfig, from_mapping
+from minitx.config import ConfigError, LoggerConfig, MinitxError, ModelConfig, TrainConfig, from_mapping
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("minitx")
@@ -40,7 +40,8 @@ def parse_config(cfg: DictConfig) -> TrainConfig:
     return from_mapping(TrainConfig, values).validate()
 
 
-def make_logger(cfg: LoggerConfig, name: str, out_dir: Path, hparams: dict[str, Any]) -> Any:
+def make_logger(cfg: LoggerConfig, name: str, out_dir: Path, hparams: dict[str, Any], run_id: str | None) -> Any:
+    """The configured Lightning logger; `run_id` continues a resumed run's wandb run."""
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     if cfg.kind == "none":
@@ -48,7 +49,8 @@ def make_logger(cfg: LoggerConfig, name: str, out_dir: Path, hparams: dict[str, 
     if cfg.kind == "csv":
         return CSVLogger(save_dir=out_dir, name="csv", version="")
     offline = cfg.offline if cfg.offline is not None else not wandb_online()
-    logger = WandbLogger(project=cfg.project, name=name, save_dir=str(out_dir), offline=offline)
+    logger = WandbLogger(project=cfg.project, name=name, save_dir=str(out_dir), offline=offline,
+                         id=run_id, resume="allow" if run_id else None)
     logger.log_hyperparams(hparams)
     return logger
 
@@ -65,22 +67,69 @@ def wandb_online() -> bool:
     return has_key and host_reachable(host)
 
 
-def train(config: TrainConfig, out_dir: Path) -> float:
-    """Train per `config`, write checkpoints under out_dir/checkpoints; return the best val/loss."""
+def resume_checkpoint(resume: str) -> Path:
+    """`resume=` names a run directory (its checkpoints/last.ckpt) or a checkpoint file."""
+    path = Path(resume)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise ConfigError(f"resume={resume!r}: no checkpoints/last.ckpt in that run directory")
+    elif not path.is_file():
+        raise ConfigError(f"resume={resume!r}: no such run directory or checkpoint")
+    return path
+
+
+def check_same_run(meta: dict[str, Any], model_cfg: ModelConfig, tokenizer_json: str, resume: str) -> None:
+    """A resumed run must rebuild the checkpoint's model and tokenizer exactly."""
+    current = dataclasses.asdict(model_cfg)
+    for key, saved in meta["model"].items():
+        if current.get(key) != saved:
+            raise ConfigError(f"model.{key}={current.get(key)!r} but the checkpoint in resume={resume!r} was "
+                              f"trained with {saved!r}; resume with the same settings")
+    if meta["tokenizer"] != tokenizer_json:
+        raise ConfigError(f"resume={resume!r}: the tokenizer built from this data/tokenizer config differs from "
+                          "the checkpoint's; resume with the same data and tokenizer settings")
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None) -> float:
+    """Train per `config`, write checkpoints, print a sample; return the best val/loss.
+
+    `callbacks` are added to minitx's own (tests use it to inject faults).
+    """
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from minitx.callbacks import FinalValidation, Throughput
+    from minitx.callbacks import AtomicCheckpointIO, FinalValidation, Throughput
+    from minitx.checkpoint import read_checkpoint
     from minitx.data import TokenDataModule, prepare_data
     from minitx.generation import generate
-    from minitx.tasks import CausalLM
+    from minitx.tasks import CHECKPOINT_KEY, CausalLM
     from minitx.tokenizer import EOT, is_char_level, stream_decode
 
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")  # Lightning 2.6 on torch 2.13
+    resume = resume_checkpoint(config.resume) if config.resume else None
+    resume_meta = read_checkpoint(resume)[CHECKPOINT_KEY] if resume else None
+    ckpt_dir = resume.parent if resume else out_dir / "checkpoints"  # a resumed run keeps writing where it was
+    for folder in (out_dir, ckpt_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise ConfigError(f"{folder}: output directory is not writable; set hydra.run.dir=<a writable path>")
+    on_gpu = torch.cuda.is_available() and config.trainer.accelerator in ("auto", "gpu", "cuda")
+    if str(config.trainer.precision).startswith("bf16") and not on_gpu and not cpu_has_bf16():
+        log.warning("trainer.precision=%s on a CPU without bfloat16 hardware runs about 16x slower than 32-true",
+                    config.trainer.precision)
     L.seed_everything(config.seed, verbose=False)
-    if torch.cuda.is_available():
+    if on_gpu:
         torch.set_float32_matmul_precision("high")
 
     data = prepare_data(config.data, config.tokenizer, config.model.block_size + 1)
@@ -89,21 +138,33 @@ def train(config: TrainConfig, out_dir: Path) -> float:
     if config.model.vocab_size and config.model.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {vocab}")
     model_cfg = dataclasses.replace(config.model, vocab_size=config.model.vocab_size or vocab)
-    module = CausalLM(model_cfg, config.optim, config.trainer.max_steps, tokenizer.to_str(), is_char_level(tokenizer))
+    if resume_meta is not None:
+        check_same_run(resume_meta, model_cfg, tokenizer.to_str(), str(config.resume))
+    run_config = dataclasses.asdict(config) | {"model": dataclasses.asdict(model_cfg)}
+    module = CausalLM(model_cfg, config.optim, config.trainer.max_steps, tokenizer.to_str(),
+                      is_char_level(tokenizer), config.guard, run_config)
     datamodule = TokenDataModule(data, config.data, model_cfg.block_size, config.seed)
 
-    checkpoints = ModelCheckpoint(
-        dirpath=out_dir / "checkpoints", filename="best", monitor="val/loss", mode="min", save_top_k=1,
-        save_last=True, auto_insert_metric_name=False, enable_version_counter=False,
+    best = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1, save_last=True,
+        auto_insert_metric_name=False, enable_version_counter=False,
     )
-    hparams = dataclasses.asdict(config) | {"model": dataclasses.asdict(model_cfg)}
+    periodic = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="step-{step:06d}", monitor="step", mode="max",
+        save_top_k=config.checkpoint.keep_last, every_n_train_steps=config.checkpoint.every_n_steps,
+        save_last=True, auto_insert_metric_name=False,
+    )
+    run_id = resume_meta.get("logger_run_id") if resume_meta else None
     trainer = L.Trainer(
         **dataclasses.asdict(config.trainer),
-        logger=make_logger(config.logger, config.name, out_dir, hparams),
-        callbacks=[checkpoints, Throughput(config.trainer.log_every_n_steps), FinalValidation()],
+        logger=make_logger(config.logger, config.name, out_dir, run_config, run_id),
+        callbacks=[best, periodic, Throughput(config.trainer.log_every_n_steps), FinalValidation(),
+                   *(callbacks or [])],
+        plugins=[AtomicCheckpointIO()],
         default_root_dir=out_dir,
         check_val_every_n_epoch=None,  # validate every val_check_interval batches of the endless stream
-        num_sanity_val_steps=config.data.val_batches,  # a full evaluation before step 1: the initial val/loss
+        # a full evaluation before step 1 gives the initial val/loss; a resumed run has had it
+        num_sanity_val_steps=0 if resume else config.data.val_batches,
         enable_model_summary=False,
     )
     if trainer.is_global_zero:
@@ -111,14 +172,16 @@ def train(config: TrainConfig, out_dir: Path) -> float:
                  f"{len(data.val):,}", " (token cache)" if data.from_cache else "", vocab)
         log.info("model: %.2fM parameters, attention=%s; outputs in %s", module.model.num_params() / 1e6,
                  model_cfg.attention, out_dir)
-    trainer.fit(module, datamodule=datamodule)
+        if resume:
+            log.info("resuming %s at step %d", resume, int(read_checkpoint(resume).get("global_step", 0)))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
 
     final = float(trainer.callback_metrics["val/loss"])
-    best = float(checkpoints.best_model_score) if checkpoints.best_model_score is not None else final
+    best_loss = float(best.best_model_score) if best.best_model_score is not None else final
     if trainer.is_global_zero:
-        log.info("val/loss %.4f at step 0 -> %.4f at step %d (best %.4f)", module.initial_val_loss or float("nan"),
-                 final, trainer.global_step, best)
-        print(f"checkpoint: {checkpoints.best_model_path}", flush=True)
+        start = f"{module.initial_val_loss:.4f} at step 0 -> " if module.initial_val_loss is not None else ""
+        log.info("val/loss %s%.4f at step %d (best %.4f)", start, final, trainer.global_step, best_loss)
+        print(f"checkpoint: {best.best_model_path}", flush=True)
         if config.sample.max_new_tokens > 0:
             model = module.model.eval()
             prompt = tokenizer.encode(config.sample.prompt).ids or [tokenizer.token_to_id(EOT)]
@@ -128,7 +191,7 @@ def train(config: TrainConfig, out_dir: Path) -> float:
                                                            temperature=0.8, top_k=200, generator=generator)):
                 print(piece, end="", flush=True)
             print(flush=True)
-    return best
+    return best_loss
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

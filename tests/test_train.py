@@ -62,19 +62,32 @@ def test_checkpoint_is_self_contained(trained: Path) -> None:
     assert loaded.step == 150
 
 
-def test_sample_streams_text_from_the_checkpoint(trained: Path) -> None:
-    args = [f"ckpt={trained / 'checkpoints' / 'best.ckpt'}", "prompt=the ", "max_new_tokens=60",
-            "temperature=0", "num_samples=1"]
+def sample_text(*args: str) -> str:
     out = io.StringIO()
-    [text] = sample(parse_args(args), out=out)
-    assert text.startswith("the ") and len(text) == 64
-    assert out.getvalue() == text + "\n"
+    sample(parse_args(list(args)), out=out)
+    return out.getvalue()
+
+
+def test_sample_streams_text_from_the_checkpoint(trained: Path) -> None:
+    ckpt = f"ckpt={trained / 'checkpoints' / 'best.ckpt'}"
+    text = sample_text(ckpt, "prompt=the ", "max_new_tokens=60", "temperature=0")
+    assert text.startswith("the ") and len(text) == 4 + 60 + 1  # prompt, 60 characters, newline
     assert " the " in text  # it learnt the corpus's most common word
     # within one block (4 + 28 = block_size) greedy text is the same with and without the KV cache
-    within_block = [*args[:2], "max_new_tokens=28", "temperature=0"]
-    cached = sample(parse_args(within_block), out=io.StringIO())
-    assert sample(parse_args([*within_block, "use_cache=false"]), out=io.StringIO()) == cached
-    assert cached[0] == text[:32]
+    cached = sample_text(ckpt, "prompt=the ", "max_new_tokens=28", "temperature=0")
+    assert sample_text(ckpt, "prompt=the ", "max_new_tokens=28", "temperature=0", "use_cache=false") == cached
+    assert cached == text[:32] + "\n"
+
+
+def test_sample_edge_inputs(trained: Path) -> None:
+    ckpt = f"ckpt={trained / 'checkpoints' / 'best.ckpt'}"
+    assert len(sample_text(ckpt, "prompt=", "max_new_tokens=20")) == 21  # empty prompt starts from <|endoftext|>
+    # top_k beyond the vocabulary is the whole vocabulary; temperature <= 0 is greedy whatever top_k/top_p say
+    assert sample_text(ckpt, "top_k=100000", "max_new_tokens=20") == sample_text(ckpt, "top_k=0", "max_new_tokens=20")
+    greedy = sample_text(ckpt, "prompt=the ", "temperature=0", "max_new_tokens=20")
+    assert sample_text(ckpt, "prompt=the ", "temperature=-1", "top_p=0.3", "max_new_tokens=20") == greedy
+    two = sample_text(ckpt, "num_samples=2", "max_new_tokens=10")
+    assert two.count("--- sample") == 2
 
 
 @pytest.mark.parametrize(
