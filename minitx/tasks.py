@@ -93,7 +93,7 @@ class CausalLM(L.LightningModule):
                    if p and Path(p).exists()]
         last_good = max(written, key=lambda p: p.stat().st_mtime) if written else "none yet"
         raise NonFiniteError(
-            f"non-finite {what} ({float(value)}) at step {step}; stopped. Last good checkpoint: {last_good} "
+            f"non-finite {what} ({float(value.detach())}) at step {step}; stopped. Last good checkpoint: {last_good} "
             "(guard.on_nonfinite=skip skips such steps)"
         )
 

@@ -1,0 +1,185 @@
+"""Nothing lost: a run killed with SIGKILL resumes exactly; a kill during a save leaves the last checkpoint
+whole; a non-finite loss or gradient stops the run (or skips the step) with the last good checkpoint named."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import make_text
+from test_train import compose_config, run_cli
+
+import minitx
+from minitx.checkpoint import read_checkpoint
+from minitx.tasks import NonFiniteError
+from minitx.train import parse_config, train
+
+RUN = [
+    "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.dropout=0.1",
+    "data.batch_size=8", "data.val_batches=4", "trainer.max_steps=40", "trainer.val_check_interval=15",
+    "trainer.enable_progress_bar=false", "optim.warmup_steps=5", "checkpoint.every_n_steps=10",
+    "checkpoint.keep_last=2", "sample.max_new_tokens=0", "logger=csv",
+]
+
+CHILD = """
+import os, signal, sys, torch
+from pathlib import Path
+import lightning as L
+from hydra import compose, initialize_config_dir
+from minitx.train import CONF_DIR, parse_config, train
+
+mode, arg, out, *overrides = sys.argv[1:]
+
+class KillAtStep(L.Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == int(arg):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+if mode == "kill-during-save":  # the n-th checkpoint write gets half its bytes out, then the process dies
+    real_save, calls = torch.save, []
+    def dying_save(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) < int(arg):
+            return real_save(obj, f, *a, **k)
+        import io
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    torch.save = dying_save
+
+with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    cfg = compose("train", overrides=overrides)
+train(parse_config(cfg), Path(out), callbacks=[KillAtStep()] if mode == "kill-at-step" else [])
+"""
+
+
+def run_child(tmp_path: Path, mode: str, arg: int, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CHILD, mode, str(arg), str(out), *overrides],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+
+def final_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], float]:
+    checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    val_loss = float(checkpoint["callbacks"][next(k for k in checkpoint["callbacks"] if "val/loss" in k)]
+                     ["current_score"])
+    return checkpoint["state_dict"], val_loss
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(make_text(1500))
+    return path
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_training_straight(tmp_path: Path, corpus: Path) -> None:
+    overrides = [*RUN, f"data.path={corpus}"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    train(parse_config(compose_config(*overrides)), straight)
+
+    result = run_child(tmp_path, "kill-at-step", 25, killed, *overrides)
+    assert result.returncode == -9, result.stderr[-2000:]  # SIGKILL: no clean-up ran
+    assert read_checkpoint(killed / "checkpoints" / "last.ckpt")["global_step"] == 20
+    assert sorted(p.name for p in (killed / "checkpoints").glob("step-*")) == ["step-000010.ckpt", "step-000020.ckpt"]
+
+    result = run_cli("minitx-train", *overrides, f"resume={killed}", f"hydra.run.dir={tmp_path / 'resumed'}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming" in result.stderr + result.stdout
+
+    weights, val_loss = final_state(straight)
+    resumed_weights, resumed_val_loss = final_state(killed)
+    assert read_checkpoint(killed / "checkpoints" / "last.ckpt")["global_step"] == 40
+    assert resumed_val_loss == pytest.approx(val_loss, abs=1e-6)
+    for name, tensor in weights.items():
+        torch.testing.assert_close(resumed_weights[name], tensor, atol=1e-6, rtol=0, msg=name)
+    # keep-last-k: only the two newest periodic checkpoints remain
+    assert sorted(p.name for p in (killed / "checkpoints").glob("step-*")) == ["step-000030.ckpt", "step-000040.ckpt"]
+
+
+@pytest.mark.slow
+def test_kill_during_a_checkpoint_write_leaves_the_previous_one_whole(tmp_path: Path, corpus: Path) -> None:
+    overrides = [*RUN, f"data.path={corpus}"]
+    run_dir = tmp_path / "run"
+    # saves: step 10 (step-000010, last), val at 15 (best, last), step 20: the 5th write dies half-way
+    result = run_child(tmp_path, "kill-during-save", 5, run_dir, *overrides)
+    assert result.returncode == -9, result.stderr[-2000:]
+    leftovers = list((run_dir / "checkpoints").glob(".*.tmp*"))
+    assert leftovers, "the interrupted write should have left its temporary file"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(last)["global_step"] == 15  # the previous last.ckpt, intact
+    minitx.load(last)
+
+    result = run_cli("minitx-train", *overrides, f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'resumed'}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_checkpoint(last)["global_step"] == 40
+
+
+class PoisonWeights(L.Callback):
+    """Make a LayerNorm weight NaN before step `at`: that step's loss is NaN."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        if trainer.global_step + 1 == self.at:
+            with torch.no_grad():
+                pl_module.model.transformer.ln_f.weight[0] = float("nan")
+
+
+class PoisonGradient(L.Callback):
+    """Make one gradient infinite at step `at` only."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: object) -> None:
+        if trainer.global_step + 1 == self.at:
+            pl_module.model.lm_head.weight.grad[0, 0] = float("inf")
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_the_run_naming_the_step_and_last_good_checkpoint(tmp_path: Path, corpus: Path) -> None:
+    config = parse_config(compose_config(*RUN, f"data.path={corpus}", "checkpoint.every_n_steps=5"))
+    with pytest.raises(NonFiniteError) as e:
+        train(config, tmp_path / "run", callbacks=[PoisonWeights(at=13)])
+    message = str(e.value)
+    assert "non-finite loss (nan) at step 13" in message
+    good = Path(message.split("Last good checkpoint: ")[1].split(" ")[0])
+    assert good.parent == tmp_path / "run" / "checkpoints"
+    loaded = minitx.load(good)
+    assert all(torch.isfinite(p).all() for p in loaded.model.parameters())
+    assert read_checkpoint(good)["global_step"] == 10
+
+
+@pytest.mark.slow
+def test_nonfinite_gradient_stops_or_is_skipped(tmp_path: Path, corpus: Path) -> None:
+    overrides = [*RUN, f"data.path={corpus}", "trainer.max_steps=12"]
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient norm \(inf\) at step 7"):
+        train(parse_config(compose_config(*overrides)), tmp_path / "stop", callbacks=[PoisonGradient(at=7)])
+    train(parse_config(compose_config(*overrides, "guard.on_nonfinite=skip")), tmp_path / "skip",
+          callbacks=[PoisonGradient(at=7)])
+    checkpoint = read_checkpoint(tmp_path / "skip" / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 12 and checkpoint["minitx"]["skipped_steps"] == 1
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+
+
+@pytest.mark.slow
+def test_command_line_nan_stop_is_one_line(tmp_path: Path, corpus: Path) -> None:
+    """The guard's error through the real entry point: one line, exit 2 (poisoned with lr=inf)."""
+    result = run_cli("minitx-train", *RUN, f"data.path={corpus}", "optim.lr=1e30", "optim.min_lr=0",
+                     f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: non-finite") and "Last good checkpoint" in line
+    assert "Traceback" not in result.stderr
+    assert os.path.exists(tmp_path / "run")
