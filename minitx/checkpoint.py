@@ -28,25 +28,32 @@ class Loaded:
     step: int
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict, loaded with weights_only=True: a pickle that would run code is refused."""
+def read_checkpoint(path: str | Path, key: str = "ckpt") -> dict[str, Any]:
+    """The checkpoint dict, loaded with weights_only=True: a pickle that would run code is refused.
+
+    `key` is the setting that named the file, for the error messages.
+    """
     path = Path(path)
+    where = f"{key}={str(path)!r}"
     if not path.is_file():
-        raise CheckpointError(f"ckpt={str(path)!r}: no such file")
+        raise CheckpointError(f"{where}: no such file")
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"ckpt={str(path)!r}: not a checkpoint (torch.save writes a zip archive, this is not)")
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":
+                raise CheckpointError(f"{where}: truncated or corrupt checkpoint (its zip archive is incomplete)")
+        raise CheckpointError(f"{where}: not a checkpoint (torch.save writes a zip archive, this is not)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise CheckpointError(
-            f"ckpt={str(path)!r}: refused: its pickle holds objects other than tensors and plain data, "
+            f"{where}: refused: its pickle holds objects other than tensors and plain data, "
             "and loading it could run code"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"ckpt={str(path)!r}: truncated or corrupt checkpoint ({reason})") from None
+        raise CheckpointError(f"{where}: truncated or corrupt checkpoint ({reason})") from None
     if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
-        raise CheckpointError(f"ckpt={str(path)!r}: not a minitx checkpoint (no {CHECKPOINT_KEY!r} entry)")
+        raise CheckpointError(f"{where}: not a minitx checkpoint (no {CHECKPOINT_KEY!r} entry)")
     return checkpoint
 
 

@@ -118,7 +118,7 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")  # Lightning 2.6 on torch 2.13
     resume = resume_checkpoint(config.resume) if config.resume else None
-    resume_meta = read_checkpoint(resume)[CHECKPOINT_KEY] if resume else None
+    resume_meta = read_checkpoint(resume, "resume")[CHECKPOINT_KEY] if resume else None
     ckpt_dir = resume.parent if resume else out_dir / "checkpoints"  # a resumed run keeps writing where it was
     for folder in (out_dir, ckpt_dir):
         folder.mkdir(parents=True, exist_ok=True)
@@ -194,13 +194,34 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     return best_loss
 
 
+def check_output_dir(argv: list[str]) -> None:
+    """Create an explicitly given hydra.run.dir / hydra.sweep.dir now, so that one we cannot create fails as one
+    line (Hydra would fail later, with a traceback)."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
+            try:
+                Path(value).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"{key}={value}: cannot create the output directory ({e.strerror})") from None
+            if not os.access(value, os.W_OK):
+                raise ConfigError(f"{key}={value}: the output directory is not writable")
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float:
+def hydra_main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
     with exit_on_user_error():
         config = parse_config(cfg)
         return train(config, Path(HydraConfig.get().runtime.output_dir))
+
+
+def main() -> None:
+    """The minitx-train console script."""
+    with exit_on_user_error():
+        check_output_dir(sys.argv[1:])
+    hydra_main()
 
 
 if __name__ == "__main__":

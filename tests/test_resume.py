@@ -183,3 +183,19 @@ def test_command_line_nan_stop_is_one_line(tmp_path: Path, corpus: Path) -> None
     assert line.startswith("error: non-finite") and "Last good checkpoint" in line
     assert "Traceback" not in result.stderr
     assert os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_resume_continues_the_same_wandb_run(tmp_path: Path, corpus: Path) -> None:
+    base = [*RUN, f"data.path={corpus}", "logger=wandb", "trainer.max_steps=10"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert run_cli("minitx-train", *base, f"hydra.run.dir={first}", cwd=tmp_path).returncode == 0
+    [run] = (first / "wandb").glob("offline-run-*")
+    run_id = run.name.rsplit("-", 1)[1]
+    # resuming a finished run with a larger max_steps extends it
+    result = run_cli("minitx-train", *base, "trainer.max_steps=20", f"resume={first}", f"hydra.run.dir={second}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [resumed] = (second / "wandb").glob("offline-run-*")
+    assert resumed.name.endswith(f"-{run_id}")
+    assert read_checkpoint(first / "checkpoints" / "last.ckpt")["global_step"] == 20

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from conftest import make_text
 from hydra import compose, initialize_config_dir
 
 import minitx
-from minitx.config import ConfigError
+from minitx.config import ConfigError, MinitxError
 from minitx.sample import main as sample_main
 from minitx.sample import parse_args, sample
 from minitx.train import CONF_DIR, parse_config, train
@@ -118,7 +119,7 @@ def test_sample_refuses_non_checkpoints(tmp_path: Path, trained: Path, capsys: p
     unknown_chars = [f"ckpt={trained / 'checkpoints' / 'best.ckpt'}", "prompt=the Ω"]
     for args, message in [
         ([f"ckpt={text}"], "not a checkpoint"),
-        ([f"ckpt={truncated}"], "not a checkpoint"),
+        ([f"ckpt={truncated}"], "truncated or corrupt checkpoint"),
         ([f"ckpt={plain}"], "not a minitx checkpoint"),
         (unknown_chars, "characters the tokenizer has never seen: ['Ω']"),
     ]:
@@ -151,12 +152,38 @@ def test_checkpoint_whose_pickle_runs_code_is_refused(tmp_path: Path, monkeypatc
         (["trainer.precision=fp8"], "trainer.precision='fp8'"),
         (["tokenizer.kind=sentencepiece"], "tokenizer.kind='sentencepiece'"),
         (["model.n_layer=two"], "model.n_layer='two': expected int"),
+        (["+model.n_layr=3"], "model.n_layr: unknown key"),
+        (["guard.on_nonfinite=skip", "trainer.devices=2"], "guard.on_nonfinite='skip': skipping a step is for"),
+        (["checkpoint.every_n_steps=0"], "checkpoint.every_n_steps=0: must be > 0"),
+        pytest.param(["trainer.precision=16-mixed"], "trainer.precision='16-mixed': float16 needs a GPU",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only check")),
+        pytest.param(["trainer.accelerator=gpu"], "trainer.accelerator='gpu': no CUDA GPU here",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only check")),
     ],
 )
 def test_bad_config_fails_at_start_up(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse_config(compose_config(*overrides))
     assert str(e.value).startswith(message)
+
+
+def test_resume_refuses_what_does_not_match(trained: Path, tmp_path: Path) -> None:
+    corpus = trained / "corpus.txt"
+    base = [*TINY, f"data.path={corpus}", "logger=none"]
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes((trained / "checkpoints" / "last.ckpt").read_bytes()[:-1000])
+    other = tmp_path / "other.txt"
+    other.write_text(make_text(3000).upper())
+    for overrides, message in [
+        ([f"resume={tmp_path / 'nowhere'}"], "no such run directory or checkpoint"),
+        ([f"resume={tmp_path}"], "no checkpoints/last.ckpt in that run directory"),
+        ([f"resume={truncated}"], "truncated or corrupt checkpoint"),
+        ([f"resume={trained}", "model.n_layer=3"], "model.n_layer=3 but the checkpoint in resume="),
+        ([f"resume={trained}", "model.block_size=64"], "model.block_size=64 but the checkpoint"),
+        ([f"resume={trained}", f"data.path={other}"], "the tokenizer built from this data/tokenizer config differs"),
+    ]:
+        with pytest.raises(MinitxError, match=re.escape(message)):
+            train(parse_config(compose_config(*base, *overrides)), tmp_path / "out")
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -190,11 +217,12 @@ def test_command_line_train_then_sample(tmp_path: Path) -> None:
         (["model.n_embd=130", "model.n_head=4"], "error: model.n_embd=130 is not divisible by model.n_head=4"),
         (["data.path=missing.txt"], "error: data.path='missing.txt': no such file or directory"),
         (["data.path=short.txt"], "error: data.path=short.txt: the training split has"),
+        (["hydra.run.dir=/proc/minitx/run"], "error: hydra.run.dir=/proc/minitx/run: cannot create the output"),
     ],
 )
 def test_command_line_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "short.txt").write_text("too short")
-    result = run_cli("minitx-train", "logger=none", *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    result = run_cli("minitx-train", "logger=none", f"hydra.run.dir={tmp_path / 'run'}", *args, cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith(message), result.stderr
