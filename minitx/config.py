@@ -70,7 +70,13 @@ class TokenizerConfig:
     path: str | None = None  # a tokenizer.json to load instead of training one
 
     def validate(self) -> TokenizerConfig:
-        if self.path is None and self.kind not in ("char", "bpe"):
+        if self.path is not None:
+            from pathlib import Path
+
+            if not Path(self.path).is_file():
+                fail("tokenizer.path", self.path, "no such file")
+            return self
+        if self.kind not in ("char", "bpe"):
             fail("tokenizer.kind", self.kind, "choose char or bpe, or set tokenizer.path=<tokenizer.json>")
         if self.kind == "bpe" and self.vocab_size < 260:
             fail("tokenizer.vocab_size", self.vocab_size, "byte-level BPE needs at least 260 (256 bytes + specials)")

@@ -99,6 +99,8 @@ def test_sample_edge_inputs(trained: Path) -> None:
         (["ckpt=x", "top_p=0"], "error: top_p=0.0: must be in (0, 1]"),
         (["ckpt=x", "temperatur=1"], "error: temperatur: unknown key"),
         (["ckpt=x", "max_new_tokens=many"], "error: max_new_tokens='many': expected a int"),
+        (["ckpt=x", "max_new_tokens=-1"], "error: max_new_tokens=-1: must be >= 0"),
+        (["ckpt=x", "top_k=-1"], "error: top_k=-1: must be >= 0"),
     ],
 )
 def test_sample_bad_inputs(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -155,6 +157,7 @@ def test_checkpoint_whose_pickle_runs_code_is_refused(tmp_path: Path, monkeypatc
         (["+model.n_layr=3"], "model.n_layr: unknown key"),
         (["guard.on_nonfinite=skip", "trainer.devices=2"], "guard.on_nonfinite='skip': skipping a step is for"),
         (["checkpoint.every_n_steps=0"], "checkpoint.every_n_steps=0: must be > 0"),
+        (["tokenizer.path=missing.json"], "tokenizer.path='missing.json': no such file"),
         pytest.param(["trainer.precision=16-mixed"], "trainer.precision='16-mixed': float16 needs a GPU",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only check")),
         pytest.param(["trainer.accelerator=gpu"], "trainer.accelerator='gpu': no CUDA GPU here",
