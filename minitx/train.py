@@ -79,14 +79,17 @@ def resume_checkpoint(resume: str) -> Path:
     return path
 
 
-def check_same_run(meta: dict[str, Any], model_cfg: ModelConfig, tokenizer_json: str, resume: str) -> None:
-    """A resumed run must rebuild the checkpoint's model and tokenizer exactly."""
+def check_same_run(meta: dict[str, Any], model_cfg: ModelConfig, tokenizer_json: str | None, resume: str) -> None:
+    """A resumed run must rebuild the checkpoint's model and tokenizer exactly. Without the tokenizer (before the
+    data is read) the vocabulary size is checked only if it is set explicitly."""
     current = dataclasses.asdict(model_cfg)
     for key, saved in meta["model"].items():
+        if key == "vocab_size" and current[key] == 0:
+            continue
         if current.get(key) != saved:
             raise ConfigError(f"model.{key}={current.get(key)!r} but the checkpoint in resume={resume!r} was "
                               f"trained with {saved!r}; resume with the same settings")
-    if meta["tokenizer"] != tokenizer_json:
+    if tokenizer_json is not None and meta["tokenizer"] != tokenizer_json:
         raise ConfigError(f"resume={resume!r}: the tokenizer built from this data/tokenizer config differs from "
                           "the checkpoint's; resume with the same data and tokenizer settings")
 
@@ -119,6 +122,8 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")  # Lightning 2.6 on torch 2.13
     resume = resume_checkpoint(config.resume) if config.resume else None
     resume_meta = read_checkpoint(resume, "resume")[CHECKPOINT_KEY] if resume else None
+    if resume_meta is not None:
+        check_same_run(resume_meta, config.model, None, str(config.resume))
     ckpt_dir = resume.parent if resume else out_dir / "checkpoints"  # a resumed run keeps writing where it was
     for folder in (out_dir, ckpt_dir):
         folder.mkdir(parents=True, exist_ok=True)
