@@ -58,6 +58,19 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: flo
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(t_q, t_k, q.device), dropout_p=dropout_p)
 
 
+def rotary_tables(head_dim: int, max_len: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos and sin (max_len, head_dim/2) of the rotary embedding: pair i of position p turns by p·base^(-2i/d)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, H, T, D) queries or keys by their positions' angles (cos, sin: (T, D/2))."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
 class KVCache:
     """Keys and values of one layer, preallocated to `max_len` so decoding never reallocates."""
 
@@ -91,10 +104,12 @@ class MultiHeadSelfAttention(nn.Module):
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if rope is not None:  # rotary positions: keys are cached already rotated
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H, T_cached + T, D)
         kernel = KERNELS[self.attention]

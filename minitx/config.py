@@ -45,6 +45,10 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = False  # biases in Linear and LayerNorm; GPT-2 had them, small models train as well without
     attention: str = "sdpa"  # kernel, see minitx.attention.KERNELS
+    pos_emb: str = "learned"  # learned (GPT-2's table) | rope (rotary, applied to q and k in every layer)
+    rope_base: float = 10000.0
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    compile: bool = False  # torch.compile the model's forward (not part of the architecture)
 
     def validate(self) -> ModelConfig:
         from minitx.attention import KERNELS
@@ -60,6 +64,13 @@ class ModelConfig:
             fail("model.dropout", self.dropout, "must be in [0, 1)")
         if self.attention not in KERNELS:
             fail("model.attention", self.attention, f"unknown kernel; choose one of {sorted(KERNELS)}")
+        if self.pos_emb not in ("learned", "rope"):
+            fail("model.pos_emb", self.pos_emb, "choose learned or rope")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            head = self.n_embd // self.n_head
+            fail("model.n_embd", self.n_embd, f"rope needs an even head size; n_embd/n_head={head}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            fail("model.norm", self.norm, "choose layernorm or rmsnorm")
         return self
 
 

@@ -12,8 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minitx.attention import KVCache, MultiHeadSelfAttention
+from minitx.attention import KVCache, MultiHeadSelfAttention, rotary_tables
 from minitx.config import ModelConfig
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
 class MLP(nn.Module):
@@ -32,39 +38,49 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, causal: bool):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = MultiHeadSelfAttention(
             config.n_embd, config.n_head, config.attention, causal, config.dropout, config.bias
         )
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x: Tensor, cache: KVCache | None = None, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, rope)
         return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
-    """Token + position embeddings, N blocks, final LayerNorm: tokens (B, T) -> hidden states (B, T, C)."""
+    """Token embeddings + positions (a learned table, or rotary in every attention), N blocks, final norm:
+    tokens (B, T) -> hidden states (B, T, C)."""
 
     def __init__(self, config: ModelConfig, causal: bool):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
-        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
+        if config.pos_emb == "rope":
+            cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)  # derived: not saved in checkpoints
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, causal) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = make_norm(config)
 
     def forward(self, idx: Tensor, caches: list[KVCache] | None = None) -> Tensor:
         T = idx.size(1)
         start = caches[0].length if caches else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds model.block_size={self.config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        x = self.tok_emb(idx)  # (B, T, C)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, caches[i] if caches else None)
+            x = block(x, caches[i] if caches else None, rope)
         return self.ln_f(x)
 
     def set_attention(self, kernel: str) -> None:
@@ -115,4 +131,5 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; the position table is left out by default, as in the GPT papers."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.pos_emb.weight.numel() if non_embedding else n
+        pos_emb = self.transformer.pos_emb
+        return n - pos_emb.weight.numel() if non_embedding and pos_emb is not None else n

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 
 from minitx.config import ModelConfig
@@ -19,8 +22,9 @@ def trained_ish(config: ModelConfig) -> GPT:
     return model
 
 
-def test_kv_cache_greedy_equals_full_recomputation(small_config: ModelConfig) -> None:
-    model = trained_ish(small_config)
+@pytest.mark.parametrize("variant", [{}, {"pos_emb": "rope", "norm": "rmsnorm"}], ids=["gpt2", "rope-rmsnorm"])
+def test_kv_cache_greedy_equals_full_recomputation(small_config: ModelConfig, variant: dict) -> None:
+    model = trained_ish(dataclasses.replace(small_config, **variant))
     prompt = [1, 2, 3, 4, 5]
     n = small_config.block_size - len(prompt)  # everything fits in one block: the two paths must agree exactly
     cached = list(generate(model, prompt, n, temperature=0, use_cache=True))

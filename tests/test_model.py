@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -11,10 +12,11 @@ from minitx.config import ConfigError, ModelConfig
 from minitx.model import GPT
 
 
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
 @pytest.mark.parametrize("kernel", ["naive", "sdpa"])
-def test_causal_mask_hides_the_future(small_config: ModelConfig, kernel: str) -> None:
+def test_causal_mask_hides_the_future(small_config: ModelConfig, kernel: str, pos_emb: str) -> None:
     """Changing token t changes no logit at positions before t, and does change t's own."""
-    model = GPT(small_config).eval()
+    model = GPT(dataclasses.replace(small_config, pos_emb=pos_emb)).eval()
     model.transformer.set_attention(kernel)
     idx = torch.randint(0, 50, (1, 32), generator=torch.Generator().manual_seed(1))
     changed = idx.clone()
@@ -52,6 +54,40 @@ def test_initial_loss_is_uniform_and_head_is_tied(small_config: ModelConfig) -> 
     assert abs(std - 0.02 / math.sqrt(2 * small_config.n_layer)) < 0.003
 
 
+def test_rotary_attention_depends_only_on_relative_position() -> None:
+    """With rope, q·k between positions i and j depends on i - j: shifting both leaves the score unchanged."""
+    from minitx.attention import apply_rotary, rotary_tables
+
+    cos, sin = rotary_tables(8, 64)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 1, 1, 1, 8, generator=g)
+
+    def score(i: int, j: int) -> float:
+        q_i = apply_rotary(q, cos[i : i + 1], sin[i : i + 1])
+        k_j = apply_rotary(k, cos[j : j + 1], sin[j : j + 1])
+        return float((q_i * k_j).sum())
+
+    assert score(5, 2) == pytest.approx(score(40, 37), abs=1e-5)
+    assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
+
+
+def test_rmsnorm_and_rope_options_build_and_train(small_config: ModelConfig) -> None:
+    model = GPT(dataclasses.replace(small_config, pos_emb="rope", norm="rmsnorm"))
+    assert model.transformer.pos_emb is None
+    assert isinstance(model.transformer.ln_f, torch.nn.RMSNorm)
+    assert "transformer.rope_cos" not in model.state_dict()  # derived tables are not saved
+    idx = torch.randint(0, 50, (4, 32), generator=torch.Generator().manual_seed(4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        _, loss = model(idx, idx.roll(-1, dims=1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
 def test_longer_than_block_size_is_refused(small_config: ModelConfig) -> None:
     with pytest.raises(ValueError, match="block_size=32"):
         GPT(small_config)(torch.zeros(1, 33, dtype=torch.long))
@@ -65,6 +101,9 @@ def test_longer_than_block_size_is_refused(small_config: ModelConfig) -> None:
         ({"n_layer": 0}, "model.n_layer=0: must be > 0"),
         ({"block_size": -1}, "model.block_size=-1: must be > 0"),
         ({"dropout": 1.5}, "model.dropout=1.5"),
+        ({"pos_emb": "alibi"}, "model.pos_emb='alibi': choose learned or rope"),
+        ({"norm": "batchnorm"}, "model.norm='batchnorm': choose layernorm or rmsnorm"),
+        ({"pos_emb": "rope", "n_embd": 12, "n_head": 4}, "model.n_embd=12: rope needs an even head size"),
     ],
 )
 def test_bad_model_config_names_the_key(changes: dict, message: str) -> None:
