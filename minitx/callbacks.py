@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from pathlib import Path
@@ -13,12 +14,23 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
 class Throughput(L.Callback):
-    """Logs `tokens_per_sec` (all ranks together) averaged over every `every` training batches."""
+    """Logs `tokens_per_sec` (all ranks together) and `mfu` (model FLOP/s over the device's peak), averaged over
+    every `every` training batches. `peak` None measures or looks it up at the start; 0 turns mfu off."""
 
-    def __init__(self, every: int):
+    def __init__(self, every: int, peak: float | None = None):
         self.every = every
+        self.peak = peak
+        self.flops_per_token = 0
         self._t0: float | None = None
         self._tokens = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from minitx.perf import flops_per_token, peak_flops
+
+        model = pl_module.model
+        self.flops_per_token = flops_per_token(model.config, model.num_params())
+        if self.peak is None:
+            self.peak = peak_flops(pl_module.device, str(trainer.precision)) or 0.0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -26,8 +38,10 @@ class Throughput(L.Callback):
         if self._t0 is None:  # the first batch pays for warm-up; start the clock after it
             self._t0, self._tokens = time.perf_counter(), 0
         elif self._tokens and (batch_idx + 1) % self.every == 0:
-            elapsed = time.perf_counter() - self._t0
-            pl_module.log("tokens_per_sec", self._tokens * trainer.world_size / elapsed, prog_bar=True)
+            per_sec = self._tokens * trainer.world_size / (time.perf_counter() - self._t0)
+            pl_module.log("tokens_per_sec", per_sec, prog_bar=True)
+            if self.peak:
+                pl_module.log("mfu", per_sec * self.flops_per_token / (self.peak * trainer.world_size), prog_bar=True)
             self._t0, self._tokens = time.perf_counter(), 0
 
 
@@ -54,3 +68,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+
+class ManualGC(L.Callback):
+    """Python's cyclic garbage collector walks every live object, Lightning's and autograd's included, at
+    unpredictable steps; disable it during training and collect at a fixed interval instead."""
+
+    def __init__(self, every: int = 1000):
+        self.every = every
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        gc.collect()
+        gc.freeze()  # objects alive now (modules, datasets, configs) are never scanned again
+        gc.disable()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if (batch_idx + 1) % self.every == 0:
+            gc.collect(1)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        gc.enable()
+        gc.unfreeze()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        gc.enable()

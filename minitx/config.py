@@ -230,6 +230,16 @@ class GuardConfig:
 
 
 @dataclass
+class PerfConfig:
+    peak_flops: float | None = None  # for mfu: None looks it up (known GPUs) or measures it (CPU); 0 turns mfu off
+
+    def validate(self) -> PerfConfig:
+        if self.peak_flops is not None and self.peak_flops < 0:
+            fail("perf.peak_flops", self.peak_flops, "must be >= 0 (0 turns mfu off, null finds it)")
+        return self
+
+
+@dataclass
 class SampleAfterConfig:
     """A sample printed at the end of training, from the final weights."""
 
@@ -249,6 +259,7 @@ class TrainConfig:
     logger: LoggerConfig
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     sample: SampleAfterConfig = field(default_factory=SampleAfterConfig)
     resume: str | None = None  # a run directory or a .ckpt: continue that run exactly where it stopped
 
@@ -261,6 +272,7 @@ class TrainConfig:
         self.logger.validate()
         self.checkpoint.validate()
         self.guard.validate()
+        self.perf.validate()
         devices = self.trainer.devices
         several = (isinstance(devices, int) and devices != 1) or (isinstance(devices, list) and len(devices) > 1)
         if self.guard.on_nonfinite == "skip" and (several or self.trainer.num_nodes > 1):

@@ -62,14 +62,19 @@ class CausalLM(L.LightningModule):
         self._val_losses: list[torch.Tensor] = []
         self._rng_to_restore: dict[str, Any] | None = None
 
+    def configure_model(self) -> None:
+        if self.model_cfg.compile:  # compile the inner model in place: the LightningModule's self.log does not compile
+            self.model.compile()
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         self.batches_seen += 1
         x, y = batch
         _, loss = self.model(x, y)
         if not torch.isfinite(loss):
             return self._nonfinite("loss", loss)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("lr", self.lr_schedulers().get_last_lr()[0])  # type: ignore[union-attr]
+        if (batch_idx + 1) % self.trainer.log_every_n_steps == 0:  # self.log costs ~0.3 ms a call: only when written
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("lr", self.lr_schedulers().get_last_lr()[0])  # type: ignore[union-attr]
         return loss
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,

@@ -109,9 +109,9 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     """
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
-    from minitx.callbacks import AtomicCheckpointIO, FinalValidation, Throughput
+    from minitx.callbacks import AtomicCheckpointIO, FinalValidation, ManualGC, Throughput
     from minitx.checkpoint import read_checkpoint
     from minitx.data import TokenDataModule, prepare_data
     from minitx.generation import generate
@@ -160,11 +160,13 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
         save_last=True, auto_insert_metric_name=False,
     )
     run_id = resume_meta.get("logger_run_id") if resume_meta else None
+    # redrawing the bar every step costs ~0.5 ms; every log interval is enough to watch it
+    progress_bar = [TQDMProgressBar(refresh_rate=config.trainer.log_every_n_steps)] * config.trainer.enable_progress_bar
     trainer = L.Trainer(
         **dataclasses.asdict(config.trainer),
         logger=make_logger(config.logger, config.name, out_dir, run_config, run_id),
-        callbacks=[best, periodic, Throughput(config.trainer.log_every_n_steps), FinalValidation(),
-                   *(callbacks or [])],
+        callbacks=[best, periodic, Throughput(config.trainer.log_every_n_steps, config.perf.peak_flops),
+                   FinalValidation(), ManualGC(), *progress_bar, *(callbacks or [])],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=out_dir,
         check_val_every_n_epoch=None,  # validate every val_check_interval batches of the endless stream
