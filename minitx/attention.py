@@ -58,17 +58,18 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: flo
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(t_q, t_k, q.device), dropout_p=dropout_p)
 
 
-def rotary_tables(head_dim: int, max_len: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
-    """cos and sin (max_len, head_dim/2) of the rotary embedding: pair i of position p turns by p·base^(-2i/d)."""
+def rotary_tables(head_dim: int, max_len: int, base: float = 10000.0) -> Tensor:
+    """e^(i·p·θ_j) as complex numbers (max_len, head_dim/2): pair j of position p turns by angle p·base^(-2j/d)."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (B, H, T, D) queries or keys by their positions' angles (cos, sin: (T, D/2))."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+def apply_rotary(x: Tensor, rotations: Tensor) -> Tensor:
+    """Rotate (B, H, T, D) queries or keys by their positions' angles: consecutive pairs of the head dimension
+    taken as complex numbers, one complex multiply (rotations: (T, D/2))."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, H, T, D/2)
+    return torch.view_as_real(pairs * rotations).flatten(-2).type_as(x)
 
 
 class KVCache:
@@ -104,12 +105,12 @@ class MultiHeadSelfAttention(nn.Module):
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None, rope: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if rope is not None:  # rotary positions: keys are cached already rotated
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H, T_cached + T, D)
         kernel = KERNELS[self.attention]

@@ -48,6 +48,7 @@ class ModelConfig:
     pos_emb: str = "learned"  # learned (GPT-2's table) | rope (rotary, applied to q and k in every layer)
     rope_base: float = 10000.0
     norm: str = "layernorm"  # layernorm | rmsnorm
+    activation: str = "gelu"  # gelu | relu2 (ReLU squared)
     compile: bool = False  # torch.compile the model's forward (not part of the architecture)
 
     def validate(self) -> ModelConfig:
@@ -69,6 +70,8 @@ class ModelConfig:
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             head = self.n_embd // self.n_head
             fail("model.n_embd", self.n_embd, f"rope needs an even head size; n_embd/n_head={head}")
+        if self.activation not in ("gelu", "relu2"):
+            fail("model.activation", self.activation, "choose gelu or relu2")
         if self.norm not in ("layernorm", "rmsnorm"):
             fail("model.norm", self.norm, "choose layernorm or rmsnorm")
         return self

@@ -22,15 +22,24 @@ def make_norm(config: ModelConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
+def relu2(x: Tensor) -> Tensor:
+    """ReLU squared (So et al., Primer, 2021): as good as GELU for LMs and far cheaper on a CPU."""
+    return F.relu(x).square()
+
+
+ACTIVATIONS = {"gelu": F.gelu, "relu2": relu2}
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.act = ACTIVATIONS[config.activation]
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        return self.dropout(self.proj(self.act(self.fc(x))))
 
 
 class Block(nn.Module):
@@ -45,7 +54,7 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None, rope: Tensor | None = None) -> Tensor:
         x = x + self.attn(self.ln_1(x), cache, rope)
         return x + self.mlp(self.ln_2(x))
 
@@ -60,9 +69,8 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
         if config.pos_emb == "rope":
-            cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_base)
-            self.register_buffer("rope_cos", cos, persistent=False)  # derived: not saved in checkpoints
-            self.register_buffer("rope_sin", sin, persistent=False)
+            rotations = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_base)
+            self.register_buffer("rope", rotations, persistent=False)  # derived: not saved in checkpoints
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, causal) for _ in range(config.n_layer))
         self.ln_f = make_norm(config)
@@ -77,7 +85,7 @@ class Transformer(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         else:
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+            rope = self.rope[start : start + T]
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, caches[i] if caches else None, rope)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import torch
 from minitx.config import GuardConfig, MinitxError, ModelConfig, OptimConfig
 from minitx.model import GPT
 
+log = logging.getLogger("minitx")
 CHECKPOINT_KEY = "minitx"  # the part of a .ckpt that rebuilds model and tokenizer without any config
 
 
@@ -114,6 +116,9 @@ class CausalLM(L.LightningModule):
         if self.char_level:
             metrics["val/bpc"] = loss / math.log(2)
         self.log_dict(metrics, prog_bar=False, sync_dist=True)
+        step = 0 if self.trainer.sanity_checking else self.trainer.global_step
+        if self.trainer.is_global_zero:
+            log.info("step %d: val/loss %.4f", step, float(loss))
         if self.trainer.sanity_checking:  # the sanity pass runs every val batch: it is the step-0 evaluation
             self.initial_val_loss = float(loss)
             if self.logger is not None:

@@ -58,13 +58,13 @@ def test_rotary_attention_depends_only_on_relative_position() -> None:
     """With rope, q·k between positions i and j depends on i - j: shifting both leaves the score unchanged."""
     from minitx.attention import apply_rotary, rotary_tables
 
-    cos, sin = rotary_tables(8, 64)
+    rotations = rotary_tables(8, 64)
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 1, 1, 1, 8, generator=g)
 
     def score(i: int, j: int) -> float:
-        q_i = apply_rotary(q, cos[i : i + 1], sin[i : i + 1])
-        k_j = apply_rotary(k, cos[j : j + 1], sin[j : j + 1])
+        q_i = apply_rotary(q, rotations[i : i + 1])
+        k_j = apply_rotary(k, rotations[j : j + 1])
         return float((q_i * k_j).sum())
 
     assert score(5, 2) == pytest.approx(score(40, 37), abs=1e-5)
@@ -75,7 +75,7 @@ def test_rmsnorm_and_rope_options_build_and_train(small_config: ModelConfig) -> 
     model = GPT(dataclasses.replace(small_config, pos_emb="rope", norm="rmsnorm"))
     assert model.transformer.pos_emb is None
     assert isinstance(model.transformer.ln_f, torch.nn.RMSNorm)
-    assert "transformer.rope_cos" not in model.state_dict()  # derived tables are not saved
+    assert "transformer.rope" not in model.state_dict()  # derived tables are not saved
     idx = torch.randint(0, 50, (4, 32), generator=torch.Generator().manual_seed(4))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
