@@ -1,0 +1,84 @@
+"""Sampling speed: tokens/s with and without the KV cache, and Hugging Face transformers' `generate()` with its
+own cache on a GPT-2 of the same shape when `transformers` is installed, measured side by side in one run.
+
+    python scripts/bench_sample.py                                   # nanoGPT's default shape: 6 x 384, block 256
+    python scripts/bench_sample.py --layers 4 --embd 128 --heads 4 --block 64 --new 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from minitx.config import ModelConfig
+from minitx.generation import generate
+from minitx.model import GPT
+
+
+def tokens_per_sec(fn, new_tokens: int, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return new_tokens / statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--embd", type=int, default=384)
+    parser.add_argument("--block", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=65)
+    parser.add_argument("--new", type=int, default=500, help="new tokens per sample")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=args.vocab, block_size=args.block, n_layer=args.layers, n_head=args.heads,
+                         n_embd=args.embd).validate()
+    model = GPT(config).eval()
+    prompt = [1]
+    rows = []
+    for use_cache in (True, False):
+        def run(use_cache: bool = use_cache) -> None:
+            g = torch.Generator().manual_seed(0)
+            for _ in generate(model, prompt, args.new, temperature=1.0, top_k=200, generator=g, use_cache=use_cache):
+                pass
+
+        rows.append((f"minitx, KV cache {'on' if use_cache else 'off'}", args.new, tokens_per_sec(run, args.new,
+                                                                                                  args.repeats)))
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        hf = GPT2LMHeadModel(GPT2Config(vocab_size=args.vocab, n_positions=args.block, n_embd=args.embd,
+                                        n_layer=args.layers, n_head=args.heads)).eval()
+        hf_new = min(args.new, args.block - 1)  # GPT-2 cannot go past its position table
+        ids = torch.tensor([prompt])
+
+        def run_hf() -> None:
+            with torch.inference_mode():
+                hf.generate(ids, max_new_tokens=hf_new, min_new_tokens=hf_new, do_sample=True, top_k=200,
+                            pad_token_id=0)
+
+        rows.append(("transformers generate(), its KV cache", hf_new, tokens_per_sec(run_hf, hf_new, args.repeats)))
+    except ImportError:
+        print("(transformers is not installed: pip install transformers to compare with its generate())")
+
+    print(f"\nmodel: {args.layers} layers, {args.heads} heads, {args.embd} embd, block {args.block}, "
+          f"{model.num_params() / 1e6:.1f}M params; torch threads {torch.get_num_threads()}")
+    print(f"{'path':<40} {'new tokens':>10} {'tokens/s':>10}")
+    for name, new, rate in rows:
+        print(f"{name:<40} {new:>10} {rate:10.1f}")
+    print(f"\nKV cache speed-up: {rows[0][2] / rows[1][2]:.1f}x")
+    if len(rows) > 2:
+        print(f"minitx (cache) vs transformers generate(): {rows[0][2] / rows[2][2]:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
