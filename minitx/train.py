@@ -109,9 +109,9 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     """
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from minitx.callbacks import AtomicCheckpointIO, FinalValidation, ManualGC, Throughput
+    from minitx.callbacks import AtomicCheckpointIO, Checkpoint, FinalValidation, Throughput
     from minitx.checkpoint import read_checkpoint
     from minitx.data import TokenDataModule, prepare_data
     from minitx.generation import generate
@@ -150,11 +150,11 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
                       is_char_level(tokenizer), config.guard, run_config)
     datamodule = TokenDataModule(data, config.data, model_cfg.block_size, config.seed)
 
-    best = ModelCheckpoint(
+    best = Checkpoint(
         dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1, save_last=True,
         auto_insert_metric_name=False, enable_version_counter=False,
     )
-    periodic = ModelCheckpoint(
+    periodic = Checkpoint(
         dirpath=ckpt_dir, filename="step-{step:06d}", monitor="step", mode="max",
         save_top_k=config.checkpoint.keep_last, every_n_train_steps=config.checkpoint.every_n_steps,
         save_last=True, auto_insert_metric_name=False,
@@ -166,7 +166,7 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
         **dataclasses.asdict(config.trainer),
         logger=make_logger(config.logger, config.name, out_dir, run_config, run_id),
         callbacks=[best, periodic, Throughput(config.trainer.log_every_n_steps, config.perf.peak_flops),
-                   FinalValidation(), ManualGC(), *progress_bar, *(callbacks or [])],
+                   FinalValidation(), *progress_bar, *(callbacks or [])],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=out_dir,
         check_val_every_n_epoch=None,  # validate every val_check_interval batches of the endless stream

@@ -97,7 +97,7 @@ def main() -> None:
 
     results: dict[str, list[float]] = {"minitx": [], "plain": []}
     for r in range(args.rounds):
-        for name in ("minitx", "plain"):
+        for name in ("minitx", "plain") if r % 2 == 0 else ("plain", "minitx"):  # ABBA: no order bias
             times = run_minitx(config, args.steps) if name == "minitx" else run_plain(config, data, args.steps)
             median = statistics.median(times[args.warmup :])
             results[name].append(median)
