@@ -7,16 +7,68 @@ swaps them without touching the model.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import math
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# kernel(q, k, v, causal, dropout_p) -> (B, H, T_q, D); q is (B, H, T_q, D), k and v are (B, H, T_k, D), T_k >= T_q.
-# With T_k > T_q (decoding with a KV cache) the queries are the last T_q positions of the sequence.
-AttentionKernel = Callable[[Tensor, Tensor, Tensor, bool, float], Tensor]
+
+@dataclass(frozen=True)
+class AttentionMask:
+    """Which keys each query may see, in a form every kernel understands.
+
+    Positions are those of the keys; the T_q queries are the last T_q of them (decoding with a KV cache).
+    A query always sees itself, so no row is empty (a padded query's output is meaningless but finite).
+    """
+
+    causal: bool = True
+    key_padding: Tensor | None = None  # (B, T_k) bool, True for real tokens
+    doc_ids: Tensor | None = None  # (B, T_k) int: attend only within the same document (packed sequences)
+    window: int = 0  # sliding window: a query sees the `window` most recent positions, itself included (0 = all)
+
+    @property
+    def is_plain(self) -> bool:
+        """Only causal or nothing: the case fused kernels take without an explicit mask."""
+        return self.key_padding is None and self.doc_ids is None and self.window == 0
+
+    def allows(self, q_pos: Tensor, k_pos: Tensor, b: Tensor | int = 0) -> Tensor:
+        """Whether query position q_pos may see key position k_pos (broadcasting; b indexes the batch)."""
+        ok = q_pos == k_pos  # itself, always
+        seen = torch.ones_like(ok)
+        if self.causal:
+            seen = seen & (k_pos <= q_pos)
+        if self.window:
+            seen = seen & (q_pos - k_pos < self.window) & (k_pos - q_pos < self.window)
+        if self.doc_ids is not None:
+            seen = seen & (self.doc_ids[b, q_pos] == self.doc_ids[b, k_pos])
+        if self.key_padding is not None:
+            seen = seen & self.key_padding[b, k_pos]
+        return ok | seen
+
+    def dense(self, t_q: int, t_k: int, device: torch.device) -> Tensor:
+        """(B or 1, 1, T_q, T_k) booleans, True where attention is allowed."""
+        q_pos = torch.arange(t_k - t_q, t_k, device=device)[:, None]
+        k_pos = torch.arange(t_k, device=device)[None, :]
+        if self.doc_ids is None and self.key_padding is None:
+            return self.allows(q_pos, k_pos)[None, None]
+        batch = (self.doc_ids if self.doc_ids is not None else self.key_padding).size(0)  # type: ignore[union-attr]
+        b = torch.arange(batch, device=device)[:, None, None]
+        return self.allows(q_pos[None], k_pos[None], b)[:, None]
+
+
+CAUSAL = AttentionMask(causal=True)
+BIDIRECTIONAL = AttentionMask(causal=False)
+
+# kernel(q, k, v, mask, dropout_p) -> (B, H, T_q, D); q is (B, H, T_q, D), k and v are (B, H, T_k, D), T_k >= T_q.
+AttentionKernel = Callable[[Tensor, Tensor, Tensor, AttentionMask, float], Tensor]
 KERNELS: dict[str, AttentionKernel] = {}
 
 
@@ -28,34 +80,129 @@ def register_kernel(name: str) -> Callable[[AttentionKernel], AttentionKernel]:
     return add
 
 
-def causal_mask(t_q: int, t_k: int, device: torch.device) -> Tensor:
-    """(T_q, T_k) booleans, True where query i (at position T_k - T_q + i) may attend to key j."""
-    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
-
-
 @register_kernel("naive")
-def naive_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float) -> Tensor:
+def naive_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout_p: float) -> Tensor:
     """The explicit math, in float32 whatever the input dtype: the reference other kernels are checked against."""
     scale = 1.0 / math.sqrt(q.size(-1))
     att = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, T_q, T_k)
-    if causal:
-        att = att.masked_fill(~causal_mask(q.size(-2), k.size(-2), q.device), float("-inf"))
+    if mask.causal or not mask.is_plain:
+        att = att.masked_fill(~mask.dense(q.size(-2), k.size(-2), q.device), float("-inf"))
     att = att.softmax(dim=-1)
     if dropout_p > 0.0:
         att = F.dropout(att, p=dropout_p)
     return (att @ v.float()).to(q.dtype)  # (B, H, T_q, D)
 
 
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
+
+
 @register_kernel("sdpa")
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float) -> Tensor:
-    """PyTorch's fused kernels (flash / memory-efficient / math, chosen by PyTorch)."""
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout_p: float) -> Tensor:
+    """PyTorch's fused kernels; which one is PyTorch's choice, or model.sdpa_backend's (see MultiHeadSelfAttention)."""
     t_q, t_k = q.size(-2), k.size(-2)
-    if not causal or t_q == 1:  # one new query may see every cached key
+    if mask.is_plain and (not mask.causal or t_q == 1):  # one new query may see every cached key
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    if t_q == t_k:
+    if mask.is_plain and t_q == t_k:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-    # is_causal aligns the mask top-left; a chunk of queries after a cache needs it bottom-right
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(t_q, t_k, q.device), dropout_p=dropout_p)
+    # is_causal aligns the mask top-left; queries after a cache, padding, documents and windows need it explicit
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(t_q, t_k, q.device), dropout_p=dropout_p)
+
+
+_block_masks: dict[tuple, object] = {}
+
+
+def flex_block_mask(mask: AttentionMask, batch: int, t_q: int, t_k: int, device: torch.device) -> object:
+    """flex_attention's block mask for `mask`; masks that depend only on the shape are built once and cached."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    offset = t_k - t_q
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return mask.allows(q_idx + offset, kv_idx, b)
+
+    data_dependent = mask.doc_ids is not None or mask.key_padding is not None
+    key = (mask.causal, mask.window, t_q, t_k, str(device))
+    if data_dependent:
+        return create_block_mask(mask_mod, batch, None, t_q, t_k, device=str(device))
+    if key not in _block_masks:
+        _block_masks[key] = create_block_mask(mask_mod, None, None, t_q, t_k, device=str(device))
+    return _block_masks[key]
+
+
+@lru_cache(maxsize=1)
+def _compiled_flex() -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+FLEX_COMPILE = True  # tests switch it off to check the eager path too
+
+
+@register_kernel("flex")
+def flex_attention_kernel(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout_p: float) -> Tensor:
+    """torch's flex_attention with a block mask: fused and sparse over masked blocks once compiled.
+    No dropout on attention weights; on CPU (torch 2.13) forward only."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    block_mask = flex_block_mask(mask, q.size(0), q.size(-2), k.size(-2), q.device)
+    fn = _compiled_flex() if FLEX_COMPILE else flex_attention
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        return fn(q, k, v, block_mask=block_mask)
+
+
+@register_kernel("flash")
+def flash_attention_kernel(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout_p: float) -> Tensor:
+    """The flash-attn package (CUDA, fp16/bf16). Causal and sliding windows; no padding or document masks here."""
+    from flash_attn import flash_attn_func
+
+    if not (mask.key_padding is None and mask.doc_ids is None):
+        raise ValueError("the flash kernel takes causal and window masks only")
+    window = (mask.window - 1, 0 if mask.causal else mask.window - 1) if mask.window else (-1, -1)
+    # flash-attn wants (B, T, H, D); with T_q < T_k its causal mask is aligned bottom-right, as a KV cache needs
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
+                          causal=mask.causal, window_size=window)
+    return out.transpose(1, 2)
+
+
+def kernel_unavailable(name: str, device: str, training: bool, masks: set[str] | None = None) -> str | None:
+    """Why kernel `name` cannot run here (None if it can). masks: the mask kinds the run needs
+    (padding, document, window)."""
+    masks = masks or set()
+    if name == "flash":
+        if importlib.util.find_spec("flash_attn") is None:
+            return "the flash-attn package is not installed (pip install flash-attn; CUDA GPUs only)"
+        if device != "cuda":
+            return "flash-attn runs on CUDA GPUs only"
+        if masks & {"padding", "document"}:
+            return "flash-attn's dense kernel takes no padding or document masks"
+    if name == "flex":
+        if not hasattr(torch.nn.attention, "flex_attention") and importlib.util.find_spec(
+                "torch.nn.attention.flex_attention") is None:
+            return "this torch has no flex_attention"
+        if training and device == "cpu":
+            return "flex_attention has no backward on CPU (torch 2.13): use it for evaluation and sampling"
+    return None
+
+
+def resolve_kernel(name: str, device: str, training: bool, masks: set[str] | None = None) -> tuple[str, str]:
+    """The kernel to run and why: `auto` picks flash, then sdpa; others are checked and kept, or refused."""
+    if name == "auto":
+        reason = kernel_unavailable("flash", device, training, masks)
+        if reason is None:
+            return "flash", "flash-attn is available"
+        return "sdpa", f"not flash: {reason}"
+    reason = kernel_unavailable(name, device, training, masks)
+    if reason is not None:
+        working = [k for k in sorted(KERNELS) if kernel_unavailable(k, device, training, masks) is None]
+        raise ValueError(f"{reason}; kernels that work here: {working}")
+    return name, "as configured"
 
 
 def rotary_tables(head_dim: int, max_len: int, base: float = 10000.0) -> Tensor:
@@ -92,20 +239,21 @@ class KVCache:
 class MultiHeadSelfAttention(nn.Module):
     """Q, K, V from one fused projection, split into heads, attend, merge heads, project out."""
 
-    def __init__(self, n_embd: int, n_head: int, attention: str = "sdpa", causal: bool = True,
-                 dropout: float = 0.0, bias: bool = False):
+    def __init__(self, n_embd: int, n_head: int, attention: str = "sdpa", dropout: float = 0.0, bias: bool = False,
+                 sdpa_backend: str = "auto"):
         super().__init__()
         assert n_embd % n_head == 0, "validated in ModelConfig"
         self.n_head = n_head
         self.head_dim = n_embd // n_head
         self.attention = attention  # a key of KERNELS; may be switched on a built model
-        self.causal = causal
+        self.sdpa_backend = sdpa_backend  # auto, or a key of SDPA_BACKENDS
         self.dropout = dropout
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, rope: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: AttentionMask = CAUSAL, cache: KVCache | None = None,
+                rope: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
@@ -114,6 +262,9 @@ class MultiHeadSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H, T_cached + T, D)
         kernel = KERNELS[self.attention]
-        y = kernel(q, k, v, self.causal, self.dropout if self.training else 0.0)  # (B, H, T, D)
+        backend = (sdpa_kernel(SDPA_BACKENDS[self.sdpa_backend])
+                   if self.attention == "sdpa" and self.sdpa_backend != "auto" else contextlib.nullcontext())
+        with backend:
+            y = kernel(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # merge heads
         return self.resid_dropout(self.proj(y))

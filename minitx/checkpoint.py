@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from minitx.attention import kernel_unavailable
 from minitx.config import MinitxError, ModelConfig, from_mapping
 from minitx.model import GPT
 from minitx.tasks import CHECKPOINT_KEY
@@ -62,6 +64,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
     checkpoint = read_checkpoint(path)
     meta = checkpoint[CHECKPOINT_KEY]
     config = from_mapping(ModelConfig, meta["model"], "model.").validate()
+    if kernel_unavailable(config.attention, torch.device(device).type, training=False) is not None:
+        config = dataclasses.replace(config, attention="sdpa")  # e.g. trained with flash-attn on a GPU: same math
     model = GPT(config)
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}

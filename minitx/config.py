@@ -44,7 +44,9 @@ class ModelConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = False  # biases in Linear and LayerNorm; GPT-2 had them, small models train as well without
-    attention: str = "sdpa"  # kernel, see minitx.attention.KERNELS
+    attention: str = "sdpa"  # naive | sdpa | flex | flash | auto; see minitx.attention.KERNELS
+    sdpa_backend: str = "auto"  # with sdpa: auto (PyTorch chooses) | flash | efficient | math | cudnn
+    attention_window: int = 0  # sliding-window attention: each position sees this many most recent (0 = all)
     pos_emb: str = "learned"  # learned (GPT-2's table) | rope (rotary, applied to q and k in every layer)
     rope_base: float = 10000.0
     norm: str = "layernorm"  # layernorm | rmsnorm
@@ -63,8 +65,14 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             fail("model.dropout", self.dropout, "must be in [0, 1)")
-        if self.attention not in KERNELS:
-            fail("model.attention", self.attention, f"unknown kernel; choose one of {sorted(KERNELS)}")
+        from minitx.attention import SDPA_BACKENDS
+
+        if self.attention not in KERNELS and self.attention != "auto":
+            fail("model.attention", self.attention, f"unknown kernel; choose one of {[*sorted(KERNELS), 'auto']}")
+        if self.sdpa_backend not in SDPA_BACKENDS and self.sdpa_backend != "auto":
+            fail("model.sdpa_backend", self.sdpa_backend, f"choose auto or one of {sorted(SDPA_BACKENDS)}")
+        if self.attention_window < 0:
+            fail("model.attention_window", self.attention_window, "must be >= 0 (0 = no window)")
         if self.pos_emb not in ("learned", "rope"):
             fail("model.pos_emb", self.pos_emb, "choose learned or rope")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
@@ -107,6 +115,7 @@ class DataConfig:
     val_fraction: float = 0.1
     batch_size: int = 16
     val_batches: int = 50  # fixed windows evaluated each time, so val numbers compare across runs
+    document_mask: bool = False  # attend only within a document when a window spans <|endoftext|>
     cache_dir: str | None = None  # token-stream cache; default ~/.cache/minitx
 
     def validate(self) -> DataConfig:

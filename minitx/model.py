@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minitx.attention import KVCache, MultiHeadSelfAttention, rotary_tables
+from minitx.attention import AttentionMask, KVCache, MultiHeadSelfAttention, rotary_tables
 from minitx.config import ModelConfig
 
 
@@ -45,17 +45,18 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, config: ModelConfig, causal: bool):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.ln_1 = make_norm(config)
         self.attn = MultiHeadSelfAttention(
-            config.n_embd, config.n_head, config.attention, causal, config.dropout, config.bias
+            config.n_embd, config.n_head, config.attention, config.dropout, config.bias, config.sdpa_backend
         )
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, rope: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache, rope)
+    def forward(self, x: Tensor, mask: AttentionMask, cache: KVCache | None = None,
+                rope: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), mask, cache, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -66,16 +67,19 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, causal: bool):
         super().__init__()
         self.config = config
+        self.causal = causal  # the one thing that makes a decoder's trunk differ from an encoder's
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
         if config.pos_emb == "rope":
             rotations = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_base)
             self.register_buffer("rope", rotations, persistent=False)  # derived: not saved in checkpoints
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, causal) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = make_norm(config)
 
-    def forward(self, idx: Tensor, caches: list[KVCache] | None = None) -> Tensor:
+    def forward(self, idx: Tensor, caches: list[KVCache] | None = None, key_padding: Tensor | None = None,
+                doc_ids: Tensor | None = None) -> Tensor:
+        """key_padding (B, T): True for real tokens; doc_ids (B, T): attend within documents only."""
         T = idx.size(1)
         start = caches[0].length if caches else 0
         if start + T > self.config.block_size:
@@ -87,14 +91,16 @@ class Transformer(nn.Module):
         else:
             rope = self.rope[start : start + T]
         x = self.drop(x)
+        mask = AttentionMask(self.causal, key_padding, doc_ids, self.config.attention_window)
         for i, block in enumerate(self.blocks):
-            x = block(x, caches[i] if caches else None, rope)
+            x = block(x, mask, caches[i] if caches else None, rope)
         return self.ln_f(x)
 
-    def set_attention(self, kernel: str) -> None:
+    def set_attention(self, kernel: str, sdpa_backend: str = "auto") -> None:
         """Switch every layer to another kernel of minitx.attention.KERNELS."""
         for block in self.blocks:
             block.attn.attention = kernel
+            block.attn.sdpa_backend = sdpa_backend
 
 
 def init_weights(model: nn.Module, n_layer: int) -> None:
@@ -120,9 +126,10 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.tok_emb.weight  # weight tying
         init_weights(self, config.n_layer)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, idx: Tensor, targets: Tensor | None = None,
+                doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, V) for every position; with targets (B, T), also the mean cross-entropy."""
-        logits = self.lm_head(self.transformer(idx))
+        logits = self.lm_head(self.transformer(idx, doc_ids=doc_ids))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))

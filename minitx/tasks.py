@@ -50,7 +50,8 @@ class CausalLM(L.LightningModule):
     """
 
     def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, max_steps: int, tokenizer_json: str,
-                 char_level: bool, guard: GuardConfig | None = None, run_config: dict[str, Any] | None = None):
+                 char_level: bool, guard: GuardConfig | None = None, run_config: dict[str, Any] | None = None,
+                 document_eot: int | None = None):
         super().__init__()
         self.model_cfg, self.optim_cfg = model_cfg, optim_cfg
         self.decay_steps = optim_cfg.decay_steps or max_steps
@@ -58,6 +59,7 @@ class CausalLM(L.LightningModule):
         self.guard = guard or GuardConfig()
         self.run_config = run_config or {}
         self.model = GPT(model_cfg)
+        self.document_eot = document_eot  # set: windows are split into documents at this token
         self.batches_seen = 0  # training batches drawn so far: where the data stream resumes
         self.skipped_steps = 0
         self.initial_val_loss: float | None = None
@@ -71,7 +73,7 @@ class CausalLM(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         self.batches_seen += 1
         x, y = batch
-        _, loss = self.model(x, y)
+        _, loss = self.model(x, y, self.doc_ids(x))
         if not torch.isfinite(loss):
             return self._nonfinite("loss", loss)
         if (batch_idx + 1) % self.trainer.log_every_n_steps == 0:  # self.log costs ~0.3 ms a call: only when written
@@ -104,9 +106,13 @@ class CausalLM(L.LightningModule):
             "(guard.on_nonfinite=skip skips such steps)"
         )
 
+    def doc_ids(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Document index of every position: <|endoftext|> opens the next document (it predicts its first token)."""
+        return None if self.document_eot is None else (x == self.document_eot).cumsum(dim=1)
+
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        _, loss = self.model(x, y)
+        _, loss = self.model(x, y, self.doc_ids(x))
         self._val_losses.append(loss.detach())
 
     def on_validation_epoch_end(self) -> None:

@@ -111,6 +111,7 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     import torch
     from lightning.pytorch.callbacks import TQDMProgressBar
 
+    from minitx.attention import resolve_kernel
     from minitx.callbacks import AtomicCheckpointIO, Checkpoint, FinalValidation, Throughput
     from minitx.checkpoint import read_checkpoint
     from minitx.data import TokenDataModule, prepare_data
@@ -133,6 +134,12 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     if str(config.trainer.precision).startswith("bf16") and not on_gpu and not cpu_has_bf16():
         log.warning("trainer.precision=%s on a CPU without bfloat16 hardware runs about 16x slower than 32-true",
                     config.trainer.precision)
+    masks = {name for name, on in (("document", config.data.document_mask),
+                                   ("window", config.model.attention_window > 0)) if on}
+    try:
+        kernel, why = resolve_kernel(config.model.attention, "cuda" if on_gpu else "cpu", True, masks)
+    except ValueError as e:
+        raise ConfigError(f"model.attention={config.model.attention!r}: {e}") from None
     L.seed_everything(config.seed, verbose=False)
     if on_gpu:
         torch.set_float32_matmul_precision("high")
@@ -142,12 +149,13 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     vocab = tokenizer.get_vocab_size()
     if config.model.vocab_size and config.model.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {vocab}")
-    model_cfg = dataclasses.replace(config.model, vocab_size=config.model.vocab_size or vocab)
+    model_cfg = dataclasses.replace(config.model, vocab_size=config.model.vocab_size or vocab, attention=kernel)
     if resume_meta is not None:
         check_same_run(resume_meta, model_cfg, tokenizer.to_str(), str(config.resume))
     run_config = dataclasses.asdict(config) | {"model": dataclasses.asdict(model_cfg)}
+    eot = tokenizer.token_to_id(EOT) if config.data.document_mask else None
     module = CausalLM(model_cfg, config.optim, config.trainer.max_steps, tokenizer.to_str(),
-                      is_char_level(tokenizer), config.guard, run_config)
+                      is_char_level(tokenizer), config.guard, run_config, document_eot=eot)
     datamodule = TokenDataModule(data, config.data, model_cfg.block_size, config.seed)
 
     best = Checkpoint(
@@ -177,8 +185,8 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     if trainer.is_global_zero:
         log.info("data: %s, %s train / %s val tokens%s, vocabulary %d", data.description, f"{len(data.train):,}",
                  f"{len(data.val):,}", " (token cache)" if data.from_cache else "", vocab)
-        log.info("model: %.2fM parameters, attention=%s; outputs in %s", module.model.num_params() / 1e6,
-                 model_cfg.attention, out_dir)
+        log.info("model: %.2fM parameters, attention=%s (%s); outputs in %s", module.model.num_params() / 1e6,
+                 model_cfg.attention, why, out_dir)
         if resume:
             log.info("resuming %s at step %d", resume, int(read_checkpoint(resume).get("global_step", 0)))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)

@@ -111,3 +111,21 @@ def test_bad_model_config_names_the_key(changes: dict, message: str) -> None:
         ModelConfig(**changes).validate()
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kernel", ["naive", "sdpa"])
+def test_document_mask_isolates_packed_documents(small_config: ModelConfig, kernel: str) -> None:
+    """With doc_ids, changing a token of the first document changes no logit of the second."""
+    model = GPT(small_config).eval()
+    model.transformer.set_attention(kernel)
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(2, 50, (1, 32), generator=g)
+    idx[0, 12] = 0  # <|endoftext|> opens document 1 at position 12
+    doc_ids = (idx == 0).cumsum(dim=1)
+    changed = idx.clone()
+    changed[0, 3] = (idx[0, 3] + 1) % 50
+    a, _ = model(idx, doc_ids=doc_ids)
+    b, _ = model(changed, doc_ids=doc_ids)
+    torch.testing.assert_close(a[:, 12:], b[:, 12:], atol=1e-6, rtol=0)
+    c, _ = model(changed)  # without the mask, the change leaks forward
+    assert not torch.allclose(a[:, 12:], c[:, 12:])

@@ -148,7 +148,8 @@ def test_checkpoint_whose_pickle_runs_code_is_refused(tmp_path: Path, monkeypatc
     ("overrides", "message"),
     [
         (["model.n_embd=130", "model.n_head=4"], "model.n_embd=130 is not divisible by model.n_head=4"),
-        (["model.attention=nope"], "model.attention='nope': unknown kernel; choose one of ['naive', 'sdpa']"),
+        (["model.attention=nope"], "model.attention='nope': unknown kernel; choose one of ['flash', 'flex', 'naive'"),
+        (["model.sdpa_backend=fastest"], "model.sdpa_backend='fastest': choose auto or one of"),
         (["optim.warmup_steps=5000"], "optim.warmup_steps=5000: must be in [0, trainer.max_steps=1500]"),
         (["optim.lr=0"], "optim.lr=0.0: must be > 0"),
         (["trainer.precision=fp8"], "trainer.precision='fp8'"),
@@ -168,6 +169,18 @@ def test_bad_config_fails_at_start_up(overrides: list[str], message: str) -> Non
     with pytest.raises(ConfigError) as e:
         parse_config(compose_config(*overrides))
     assert str(e.value).startswith(message)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only check")
+def test_kernels_that_cannot_train_here_are_refused_at_start_up(tmp_path: Path) -> None:
+    for kernel, message in [
+        ("flex", "model.attention='flex': flex_attention has no backward on CPU (torch 2.13): use it for evaluation "
+                 "and sampling; kernels that work here: ['naive', 'sdpa']"),
+        ("flash", "model.attention='flash': the flash-attn package is not installed"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            train(parse_config(compose_config(*TINY, f"model.attention={kernel}", "data.path=missing")), tmp_path)
+        assert str(e.value).startswith(message)  # before data.path is even looked at
 
 
 def test_resume_refuses_what_does_not_match(trained: Path, tmp_path: Path) -> None:
@@ -243,3 +256,33 @@ def test_multirun_sweep_writes_one_run_per_value(tmp_path: Path) -> None:
     for job, kernel in ((0, "naive"), (1, "sdpa")):
         assert f"model.attention={kernel}" in (sweep / str(job) / ".hydra" / "overrides.yaml").read_text()
         assert minitx.load(sweep / str(job) / "checkpoints" / "best.ckpt").config.attention == kernel
+
+
+def loss_curve(run_dir: Path) -> list[float]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]]
+
+
+@pytest.mark.slow
+def test_every_cpu_kernel_trains_the_same_curve(trained: Path, tmp_path: Path) -> None:
+    """50 steps from the same seed with each kernel that trains on this machine: the same loss curve."""
+    corpus = trained / "corpus.txt"
+    runs = {"naive": [], "sdpa": ["model.sdpa_backend=auto"], "sdpa-math": ["model.sdpa_backend=math"],
+            "sdpa-flash": ["model.sdpa_backend=flash"]}
+    curves = {}
+    for name, extra in runs.items():
+        kernel = name.split("-")[0]
+        overrides = [*TINY, f"data.path={corpus}", "logger=csv", "trainer.max_steps=50", "trainer.log_every_n_steps=5",
+                     "sample.max_new_tokens=0", f"model.attention={kernel}", *extra]
+        train(parse_config(compose_config(*overrides)), tmp_path / name)
+        curves[name] = loss_curve(tmp_path / name)
+    assert len(curves["naive"]) == 10 and curves["naive"][-1] < curves["naive"][0] - 0.5
+    for name, curve in curves.items():
+        assert curve == pytest.approx(curves["naive"], abs=2e-3), name
+
+
+@pytest.mark.slow
+def test_document_mask_trains_end_to_end(trained: Path, tmp_path: Path) -> None:
+    overrides = [*TINY, f"data.path={trained / 'corpus.txt'}", "logger=none", "trainer.max_steps=20",
+                 "data.document_mask=true", "sample.max_new_tokens=0"]
+    assert train(parse_config(compose_config(*overrides)), tmp_path) < 4.0
