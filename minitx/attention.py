@@ -151,7 +151,8 @@ def flex_attention_kernel(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, 
     from torch.nn.attention.flex_attention import flex_attention
 
     block_mask = flex_block_mask(mask, q.size(0), q.size(-2), k.size(-2), q.device)
-    fn = _compiled_flex() if FLEX_COMPILE else flex_attention
+    # a decoding step (one query) is cheap unfused, and its growing key length would recompile at every token
+    fn = _compiled_flex() if FLEX_COMPILE and q.size(-2) > 1 else flex_attention
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         return fn(q, k, v, block_mask=block_mask)

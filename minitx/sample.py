@@ -29,6 +29,7 @@ class SampleConfig:
     top_p: float
     seed: int
     device: str
+    attention: str | None
     use_cache: bool
 
     def validate(self) -> SampleConfig:
@@ -42,6 +43,10 @@ class SampleConfig:
             fail("top_k", self.top_k, "must be >= 0 (0 turns it off)")
         if not 0.0 < self.top_p <= 1.0:
             fail("top_p", self.top_p, "must be in (0, 1]")
+        from minitx.attention import KERNELS
+
+        if self.attention is not None and self.attention not in KERNELS:
+            fail("attention", self.attention, f"unknown kernel; choose one of {sorted(KERNELS)}")
         if self.device not in ("auto", "cpu", "cuda"):
             fail("device", self.device, "choose auto, cpu or cuda")
         return self
@@ -81,6 +86,7 @@ def sample(cfg: SampleConfig, out: TextIO = sys.stdout) -> None:
     """Stream `num_samples` samples to `out`, each piece as it is decoded: memory stays bounded."""
     import torch
 
+    from minitx.attention import kernel_unavailable
     from minitx.checkpoint import load
     from minitx.generation import generate
     from minitx.tokenizer import EOT, stream_decode, unknown_chars
@@ -89,6 +95,10 @@ def sample(cfg: SampleConfig, out: TextIO = sys.stdout) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         fail("device", cfg.device, "no CUDA device here; use device=cpu")
     loaded = load(cfg.ckpt, device)
+    if cfg.attention is not None:
+        if reason := kernel_unavailable(cfg.attention, device, training=False):
+            fail("attention", cfg.attention, reason)
+        loaded.model.transformer.set_attention(cfg.attention)
     tokenizer = loaded.tokenizer
     unknown = unknown_chars(tokenizer, cfg.prompt)
     if unknown:

@@ -89,6 +89,9 @@ def test_sample_edge_inputs(trained: Path) -> None:
     assert sample_text(ckpt, "prompt=the ", "temperature=-1", "top_p=0.3", "max_new_tokens=20") == greedy
     two = sample_text(ckpt, "num_samples=2", "max_new_tokens=10")
     assert two.count("--- sample") == 2
+    # the same greedy text with every kernel that samples here (flex: compiled, forward only)
+    for kernel in ("naive", "flex"):
+        assert sample_text(ckpt, "prompt=the ", "temperature=0", "max_new_tokens=20", f"attention={kernel}") == greedy
 
 
 @pytest.mark.parametrize(
@@ -101,6 +104,7 @@ def test_sample_edge_inputs(trained: Path) -> None:
         (["ckpt=x", "max_new_tokens=many"], "error: max_new_tokens='many': expected a int"),
         (["ckpt=x", "max_new_tokens=-1"], "error: max_new_tokens=-1: must be >= 0"),
         (["ckpt=x", "top_k=-1"], "error: top_k=-1: must be >= 0"),
+        (["ckpt=x", "attention=nope"], "error: attention='nope': unknown kernel"),
     ],
 )
 def test_sample_bad_inputs(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# GPU checks, for a machine with a CUDA GPU (the device tool runs this from the repository root):
+#   1. the attention equivalence suite on CUDA (fp32, bf16; flex with its backward; flash-attn and cuDNN when present)
+#   2. the attention benchmark in bf16 (flash or sdpa vs naive, and vs the flash-attn package when installed)
+#   3. bf16-mixed training of a GPT-2-small-shaped model (12 x 768, block 1024) with sdpa and torch.compile:
+#      tokens/s and MFU against the GPU's bf16 peak
+# The device image has torch, lightning, tokenizers and pytest but no network; hydra-core, omegaconf, datasets and
+# wandb come from wheels downloaded beforehand on a machine with a registry:
+#   pip download -d .gpu-wheels hydra-core datasets wandb      (then run with carry=[".gpu-wheels"])
+set -uo pipefail
+export WANDB_MODE=disabled
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+if [ -d .gpu-wheels ]; then
+  python3 -m pip install -q --no-index --find-links .gpu-wheels hydra-core datasets wandb
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . || echo "warning: editable install failed"
+
+echo "== 1. equivalence suite on $(python3 -c 'import torch; print(torch.cuda.get_device_name())')"
+python3 -m pytest -q -rs -p no:cacheprovider tests/test_attention_kernels.py 2>&1 | tail -40
+
+echo "== 2. attention benchmark, bf16"
+python3 scripts/bench_attention.py --dtype bfloat16 --seq 1024,2048,4096,8192 --kernels naive,sdpa,flex,flash
+
+echo "== 3. GPT-2-small shape, bf16-mixed, sdpa, compile"
+out=$(mktemp -d)
+timeout 300 minitx-train model.n_layer=12 model.n_head=12 model.n_embd=768 model.block_size=1024 \
+  model.compile=true trainer.precision=bf16-mixed data.batch_size=16 trainer.max_steps=80 \
+  trainer.val_check_interval=80 trainer.log_every_n_steps=10 data.val_batches=4 optim.warmup_steps=10 \
+  logger=csv sample.max_new_tokens=0 trainer.enable_progress_bar=false "hydra.run.dir=$out" 2>&1 | tail -5
+python3 - "$out" <<'PY'
+import csv, sys
+rows = [r for r in csv.DictReader(open(f"{sys.argv[1]}/csv/metrics.csv")) if r.get("tokens_per_sec")]
+for r in rows[-4:]:
+    print(f"step {r['step']}: {float(r['tokens_per_sec']):,.0f} tokens/s, mfu {float(r['mfu']):.1%}")
+PY
