@@ -290,3 +290,22 @@ def test_document_mask_trains_end_to_end(trained: Path, tmp_path: Path) -> None:
     overrides = [*TINY, f"data.path={trained / 'corpus.txt'}", "logger=none", "trainer.max_steps=20",
                  "data.document_mask=true", "sample.max_new_tokens=0"]
     assert train(parse_config(compose_config(*overrides)), tmp_path) < 4.0
+
+
+def test_more_gpus_than_exist_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    with pytest.raises(ConfigError, match=re.escape("trainer.devices=8: only 1 GPU(s) here")):
+        parse_config(compose_config("trainer.accelerator=gpu", "trainer.devices=8"))
+
+
+def test_bf16_on_a_cpu_without_bf16_warns(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    import minitx.train as train_module
+
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: False)
+    overrides = [*TINY, f"data.path={trained / 'corpus.txt'}", "logger=none", "trainer.max_steps=2",
+                 "optim.warmup_steps=1", "trainer.precision=bf16-mixed", "sample.max_new_tokens=0"]
+    with caplog.at_level("WARNING", logger="minitx"):
+        train(parse_config(compose_config(*overrides)), tmp_path)
+    assert "trainer.precision=bf16-mixed on a CPU without bfloat16 hardware runs about 16x slower" in caplog.text
