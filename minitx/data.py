@@ -69,7 +69,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     if cfg.path is not None:
-        splits, description = _load_local(cfg.path), f"data.path={cfg.path}"
+        splits, description = _load_local(cfg.path, cfg.streaming), f"data.path={cfg.path}"
     elif cfg.hub_id is not None:
         splits, description = _load_hub(cfg), f"data.hub_id={cfg.hub_id}"
     else:
@@ -78,6 +78,10 @@ def load_corpus(cfg: DataConfig) -> Corpus:
             "text", data_files={"train": files}, sample_by="document", keep_linebreaks=True
         )
         description = f"built-in corpus: {len(files)} standard-library modules"
+    if cfg.streaming:  # read the first data.max_documents of each split, never the whole dataset
+        splits = {name: datasets.Dataset.from_list(list(split.take(cfg.max_documents)))
+                  for name, split in splits.items()}
+        description += f", first {cfg.max_documents} documents (streamed)"
     train = splits["train"] if "train" in splits else splits[next(iter(splits))]
     if cfg.text_column not in train.column_names:
         raise DataError(
@@ -85,19 +89,35 @@ def load_corpus(cfg: DataConfig) -> Corpus:
             f"its columns are {train.column_names}"
         )
     val = splits.get(cfg.val_split)
-    parts = [train._fingerprint, val._fingerprint if val is not None else "held-out", cfg.text_column]
+    if cfg.streaming:  # an in-memory dataset's fingerprint is random: name the source instead
+        parts = [_source_fingerprint(cfg), cfg.val_split if val is not None else "held-out", cfg.text_column]
+    else:
+        parts = [train._fingerprint, val._fingerprint if val is not None else "held-out", cfg.text_column]
     if val is None:
         parts.append(str(cfg.val_fraction))
     return Corpus(train, val, cfg.text_column, "-".join(parts), description)
 
 
-def _load_local(path: str) -> datasets.DatasetDict:
-    import datasets
+def _source_fingerprint(cfg: DataConfig) -> str:
+    """What identifies a streamed corpus: its source, and for local files their sizes and modification times."""
+    parts = [str(cfg.hub_id), str(cfg.hub_config), str(cfg.path), str(cfg.max_documents)]
+    if cfg.path is not None:
+        parts += [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in _local_files(cfg.path)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
+
+def _local_files(path: str) -> list[Path]:
     root = Path(path)
     if not root.exists():
         raise DataError(f"data.path={path!r}: no such file or directory")
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in BUILDERS)
+    return [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in BUILDERS)
+
+
+def _load_local(path: str, streaming: bool = False) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+    import datasets
+
+    root = Path(path)
+    files = _local_files(path)
     if not files:
         raise DataError(f"data.path={path!r}: no {'/'.join(sorted(BUILDERS))} files in it")
     builders = {BUILDERS.get(f.suffix) for f in files}
@@ -109,8 +129,8 @@ def _load_local(path: str) -> datasets.DatasetDict:
     builder = builders.pop()
     extra = {"sample_by": "document", "keep_linebreaks": True} if builder == "text" else {}
     if root.is_dir():  # split names come from file names: train.jsonl, validation.jsonl, test.jsonl, ...
-        return datasets.load_dataset(builder, data_dir=str(root), **extra)
-    return datasets.load_dataset(builder, data_files={"train": [str(root)]}, **extra)
+        return datasets.load_dataset(builder, data_dir=str(root), streaming=streaming, **extra)
+    return datasets.load_dataset(builder, data_files={"train": [str(root)]}, streaming=streaming, **extra)
 
 
 def _hub_endpoint() -> str:
@@ -140,7 +160,7 @@ def _offline_requested() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def _load_hub(cfg: DataConfig) -> datasets.DatasetDict:
+def _load_hub(cfg: DataConfig) -> datasets.DatasetDict | datasets.IterableDatasetDict:
     import datasets
 
     endpoint = _hub_endpoint()
@@ -151,7 +171,7 @@ def _load_hub(cfg: DataConfig) -> datasets.DatasetDict:
             f"{advice}, or set HF_HUB_OFFLINE=1 to use a copy in the local datasets cache"
         )
     try:
-        return datasets.load_dataset(cfg.hub_id, cfg.hub_config)
+        return datasets.load_dataset(cfg.hub_id, cfg.hub_config, streaming=cfg.streaming)
     except Exception as e:  # datasets raises many types: connection, not found, offline cache miss
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = "offline and not in the local datasets cache" if _offline_requested() else "could not be loaded"
