@@ -42,38 +42,50 @@ def adamw(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
-class CausalLM(L.LightningModule):
-    """Next-token prediction with a GPT. Logs train/loss, val/loss, val/ppl, val/bpc (char tokenizers), lr.
+class Task(L.LightningModule):
+    """What every minitx training task shares: AdamW with warmup + cosine, clipping with a non-finite guard,
+    fixed-window evaluation, and checkpoints that carry everything a resumed run or a sampler needs: the model
+    config, the tokenizer, the run config, the number of training batches drawn (the data position) and the RNG
+    states. A task says what its model is, what its loss is, and what it measures."""
 
-    Everything a resumed run needs beyond Lightning's own state travels in the checkpoint: the number of
-    training batches drawn (the data position), the RNG states, the run config and the tokenizer.
-    """
+    task = ""  # the name written into checkpoints
 
     def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, max_steps: int, tokenizer_json: str,
-                 char_level: bool, guard: GuardConfig | None = None, run_config: dict[str, Any] | None = None,
-                 document_eot: int | None = None):
+                 guard: GuardConfig | None = None, run_config: dict[str, Any] | None = None):
         super().__init__()
         self.model_cfg, self.optim_cfg = model_cfg, optim_cfg
         self.decay_steps = optim_cfg.decay_steps or max_steps
-        self.tokenizer_json, self.char_level = tokenizer_json, char_level
+        self.tokenizer_json = tokenizer_json
         self.guard = guard or GuardConfig()
         self.run_config = run_config or {}
-        self.model = GPT(model_cfg)
-        self.document_eot = document_eot  # set: windows are split into documents at this token
         self.batches_seen = 0  # training batches drawn so far: where the data stream resumes
         self.skipped_steps = 0
         self.initial_val_loss: float | None = None
-        self._val_losses: list[torch.Tensor] = []
+        self._val_metrics: list[dict[str, torch.Tensor]] = []
         self._rng_to_restore: dict[str, Any] | None = None
+
+    model: torch.nn.Module
+
+    def train_loss(self, batch: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def val_metrics(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Per-batch validation numbers, averaged over the fixed batches; must include "loss"."""
+        raise NotImplementedError
+
+    def derived_metrics(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {}
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        return {}
 
     def configure_model(self) -> None:
         if self.model_cfg.compile:  # compile the inner model in place: the LightningModule's self.log does not compile
             self.model.compile()
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         self.batches_seen += 1
-        x, y = batch
-        _, loss = self.model(x, y, self.doc_ids(x))
+        loss = self.train_loss(batch)
         if not torch.isfinite(loss):
             return self._nonfinite("loss", loss)
         if (batch_idx + 1) % self.trainer.log_every_n_steps == 0:  # self.log costs ~0.3 ms a call: only when written
@@ -106,25 +118,20 @@ class CausalLM(L.LightningModule):
             "(guard.on_nonfinite=skip skips such steps)"
         )
 
-    def doc_ids(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Document index of every position: <|endoftext|> opens the next document (it predicts its first token)."""
-        return None if self.document_eot is None else (x == self.document_eot).cumsum(dim=1)
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        _, loss = self.model(x, y, self.doc_ids(x))
-        self._val_losses.append(loss.detach())
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._val_metrics.append({k: v.detach() for k, v in self.val_metrics(batch, batch_idx).items()})
 
     def on_validation_epoch_end(self) -> None:
-        loss = torch.stack(self._val_losses).mean()
-        self._val_losses.clear()
-        metrics = {"val/loss": loss, "val/ppl": loss.exp()}
-        if self.char_level:
-            metrics["val/bpc"] = loss / math.log(2)
+        means = {k: torch.stack([m[k] for m in self._val_metrics]).mean() for k in self._val_metrics[0]}
+        self._val_metrics.clear()
+        means |= self.derived_metrics(means)
+        metrics = {f"val/{k}": v for k, v in means.items()}
+        loss = means["loss"]
         self.log_dict(metrics, prog_bar=False, sync_dist=True)
         step = 0 if self.trainer.sanity_checking else self.trainer.global_step
         if self.trainer.is_global_zero:
-            log.info("step %d: val/loss %.4f", step, float(loss))
+            shown = ", ".join(f"{k} {float(v):.4f}" for k, v in metrics.items() if k != "val/ppl")
+            log.info("step %d: %s", step, shown)
         if self.trainer.sanity_checking:  # the sanity pass runs every val batch: it is the step-0 evaluation
             self.initial_val_loss = float(loss)
             if self.logger is not None:
@@ -142,8 +149,8 @@ class CausalLM(L.LightningModule):
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        checkpoint[CHECKPOINT_KEY] = {
-            "task": "causal_lm",
+        checkpoint[CHECKPOINT_KEY] = self.checkpoint_extras() | {
+            "task": self.task,
             "model": dataclasses.asdict(self.model_cfg),
             "tokenizer": self.tokenizer_json,
             "config": self.run_config,
@@ -165,3 +172,34 @@ class CausalLM(L.LightningModule):
             if "cuda" in self._rng_to_restore and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(self._rng_to_restore["cuda"])
             self._rng_to_restore = None
+
+
+class CausalLM(Task):
+    """Next-token prediction with a GPT. Logs train/loss, val/loss, val/ppl, val/bpc (char tokenizers), lr."""
+
+    task = "causal_lm"
+
+    def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, max_steps: int, tokenizer_json: str,
+                 char_level: bool, guard: GuardConfig | None = None, run_config: dict[str, Any] | None = None,
+                 document_eot: int | None = None):
+        super().__init__(model_cfg, optim_cfg, max_steps, tokenizer_json, guard, run_config)
+        self.char_level = char_level
+        self.document_eot = document_eot  # set: windows are split into documents at this token
+        self.model = GPT(model_cfg)
+
+    def doc_ids(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Document index of every position: <|endoftext|> opens the next document (it predicts its first token)."""
+        return None if self.document_eot is None else (x == self.document_eot).cumsum(dim=1)
+
+    def train_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return self.model(x, y, self.doc_ids(x))[1]
+
+    def val_metrics(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return {"loss": self.train_loss(batch)}
+
+    def derived_metrics(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        derived = {"ppl": means["loss"].exp()}
+        if self.char_level:
+            derived["bpc"] = means["loss"] / math.log(2)
+        return derived
