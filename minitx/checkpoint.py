@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 
 from minitx.attention import kernel_unavailable
 from minitx.config import MinitxError, ModelConfig, from_mapping
-from minitx.model import GPT
+from minitx.model import GPT, Encoder
 from minitx.tasks import CHECKPOINT_KEY
 
 
@@ -24,10 +24,12 @@ class CheckpointError(MinitxError):
 
 @dataclass
 class Loaded:
-    model: GPT
+    model: GPT | Encoder
     tokenizer: Tokenizer
     config: ModelConfig
     step: int
+    task: str = "causal_lm"  # causal_lm | masked_lm | classify
+    labels: list[str] | None = None  # classify: the label names, in the head's order
 
 
 def read_checkpoint(path: str | Path, key: str = "ckpt") -> dict[str, Any]:
@@ -59,16 +61,18 @@ def read_checkpoint(path: str | Path, key: str = "ckpt") -> dict[str, Any]:
     return checkpoint
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
+def load(path: str | Path, device: str | torch.device = "cpu", key: str = "ckpt") -> Loaded:
     """Model (in eval mode) and tokenizer from a minitx checkpoint; nothing else is needed."""
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, key)
     meta = checkpoint[CHECKPOINT_KEY]
+    task = meta.get("task", "causal_lm")
     config = from_mapping(ModelConfig, meta["model"], "model.").validate()
     if kernel_unavailable(config.attention, torch.device(device).type, training=False) is not None:
         config = dataclasses.replace(config, attention="sdpa")  # e.g. trained with flash-attn on a GPU: same math
-    model = GPT(config)
+    labels = meta.get("labels")
+    model = GPT(config) if task == "causal_lm" else Encoder(config, len(labels or []), meta.get("pooling", "cls"))
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     model.load_state_dict(state)
     tokenizer = Tokenizer.from_str(meta["tokenizer"])
-    return Loaded(model.to(device).eval(), tokenizer, config, int(checkpoint.get("global_step", 0)))
+    return Loaded(model.to(device).eval(), tokenizer, config, int(checkpoint.get("global_step", 0)), task, labels)

@@ -52,6 +52,8 @@ class ModelConfig:
     norm: str = "layernorm"  # layernorm | rmsnorm
     activation: str = "gelu"  # gelu | relu2 (ReLU squared)
     compile: bool = False  # torch.compile the model's forward (not part of the architecture)
+    init_from: str | None = None  # classification: start from this masked-LM checkpoint's weights and tokenizer
+    pooling: str = "cls"  # classification: cls (the [CLS] position) | mean (over real tokens)
 
     def validate(self) -> ModelConfig:
         from minitx.attention import KERNELS
@@ -80,6 +82,8 @@ class ModelConfig:
             fail("model.n_embd", self.n_embd, f"rope needs an even head size; n_embd/n_head={head}")
         if self.activation not in ("gelu", "relu2"):
             fail("model.activation", self.activation, "choose gelu or relu2")
+        if self.pooling not in ("cls", "mean"):
+            fail("model.pooling", self.pooling, "choose cls or mean")
         if self.norm not in ("layernorm", "rmsnorm"):
             fail("model.norm", self.norm, "choose layernorm or rmsnorm")
         return self
@@ -111,6 +115,7 @@ class DataConfig:
     hub_config: str | None = None  # the Hub dataset's configuration name, if it has several
     path: str | None = None  # local text / jsonl / json / csv / parquet file or directory
     text_column: str = "text"
+    label_column: str | None = None  # classification: the column of labels (integers or strings)
     val_split: str = "validation"  # used when the dataset has it, else the last `val_fraction` is held out
     val_fraction: float = 0.1
     batch_size: int = 16
@@ -278,6 +283,7 @@ class TrainConfig:
     perf: PerfConfig = field(default_factory=PerfConfig)
     sample: SampleAfterConfig = field(default_factory=SampleAfterConfig)
     resume: str | None = None  # a run directory or a .ckpt: continue that run exactly where it stopped
+    task: str = "causal_lm"  # causal_lm (GPT) | masked_lm (encoder pretraining) | classify (encoder + head)
 
     def validate(self) -> TrainConfig:
         self.model.validate()
@@ -289,6 +295,10 @@ class TrainConfig:
         self.checkpoint.validate()
         self.guard.validate()
         self.perf.validate()
+        if self.task not in ("causal_lm", "masked_lm", "classify"):
+            fail("task", self.task, "choose causal_lm, masked_lm or classify")
+        if self.task == "classify" and self.data.label_column is None:
+            fail("data.label_column", None, "task=classify needs the column that holds the labels")
         devices = self.trainer.devices
         several = (isinstance(devices, int) and devices != 1) or (isinstance(devices, list) and len(devices) > 1)
         if self.guard.on_nonfinite == "skip" and (several or self.trainer.num_nodes > 1):

@@ -220,23 +220,27 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MINITX_CACHE", Path.home() / ".cache" / "minitx"))
 
 
-def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, min_tokens: int) -> PreparedData:
-    """Load the corpus, train or load the tokenizer, and tokenize into cached streams (once per corpus)."""
+def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, min_tokens: int, encoder: bool = False,
+                 tokenizer: Tokenizer | None = None) -> PreparedData:
+    """Load the corpus, train or load the tokenizer (or use `tokenizer`), and tokenize into cached streams (once
+    per corpus). `encoder`: the tokenizer gets [PAD] [MASK] [CLS] [SEP]."""
     corpus = load_corpus(data_cfg)
-    key = hashlib.sha256(f"{corpus.fingerprint}|{tokenizer_spec(tok_cfg)}".encode()).hexdigest()[:20]
+    spec = tokenizer_hash(tokenizer) if tokenizer is not None else tokenizer_spec(tok_cfg, encoder)
+    key = hashlib.sha256(f"{corpus.fingerprint}|{spec}".encode()).hexdigest()[:20]
     cache = Path(data_cfg.cache_dir) if data_cfg.cache_dir else default_cache_dir()
     cache = cache / key
     done = cache / "done.json"
     if done.exists():
         from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_file(str(cache / "tokenizer.json"))
+        tokenizer = Tokenizer.from_file(str(cache / "tokenizer.json"))  # type: ignore[no-redef]
         train, val = TokenStream(cache / "train.bin"), TokenStream(cache / "val.bin")
         from_cache = True
     else:
         cache.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        tokenizer = build_tokenizer(tok_cfg, _texts(corpus.train, corpus.text_column))
+        if tokenizer is None:
+            tokenizer = build_tokenizer(tok_cfg, _texts(corpus.train, corpus.text_column), encoder)
         train_tokens = _tokenize(corpus.train, corpus.text_column, tokenizer)
         if corpus.val is not None:
             val_tokens = _tokenize(corpus.val, corpus.text_column, tokenizer)
@@ -344,3 +348,121 @@ class TokenDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         windows = FixedWindows(self.data.val, self.block_size, self.cfg.batch_size, self.cfg.val_batches)
         return DataLoader(windows, batch_size=None, pin_memory=torch.cuda.is_available())
+
+
+@dataclass
+class LabelledData:
+    """Tokenized, labelled rows for sequence classification: [CLS] + the text's tokens, cut at block_size."""
+
+    train: list[np.ndarray]
+    train_labels: np.ndarray
+    val: list[np.ndarray]
+    val_labels: np.ndarray
+    labels: list[str]
+    description: str
+
+
+def load_labelled(cfg: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset | None, str]:
+    """The training split (and validation split, if any) of a labelled dataset, columns checked."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    if cfg.label_column is None:
+        raise DataError("data.label_column is not set: name the column that holds the labels")
+    if cfg.path is not None:
+        splits, description = _load_local(cfg.path), f"data.path={cfg.path}"
+    elif cfg.hub_id is not None:
+        splits, description = _load_hub(cfg), f"data.hub_id={cfg.hub_id}"
+    else:
+        raise DataError("classification needs labelled data: set data.path=<csv/jsonl/parquet> or data.hub_id=")
+    train = splits["train"] if "train" in splits else splits[next(iter(splits))]
+    for key, column in (("text_column", cfg.text_column), ("label_column", cfg.label_column)):
+        if column not in train.column_names:
+            raise DataError(f"data.{key}={column!r} is not a column of {description}; "
+                            f"its columns are {train.column_names}")
+    return train, splits.get(cfg.val_split), description
+
+
+def label_ids(values: list, key: str) -> tuple[np.ndarray, list[str]]:
+    """Integer labels stay as they are (0..max); strings are numbered in sorted order."""
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        if min(values) < 0:
+            raise DataError(f"{key}: integer labels must be >= 0, found {min(values)}")
+        return np.asarray(values, dtype=np.int64), [str(i) for i in range(max(values) + 1)]
+    if all(isinstance(v, str) for v in values):
+        names = sorted(set(values))
+        index = {name: i for i, name in enumerate(names)}
+        return np.asarray([index[v] for v in values], dtype=np.int64), names
+    bad = next(v for v in values if not isinstance(v, (str, int, np.integer)) or isinstance(v, bool))
+    raise DataError(f"{key}: labels must be integers or strings, found {bad!r} ({type(bad).__name__})")
+
+
+def prepare_labelled(cfg: DataConfig, tokenizer: Tokenizer, block_size: int) -> LabelledData:
+    from minitx.tokenizer import CLS
+
+    train, val, description = load_labelled(cfg)
+    texts, labels = list(train[cfg.text_column]), list(train[cfg.label_column])
+    if val is not None:
+        val_texts, val_labels = list(val[cfg.text_column]), list(val[cfg.label_column])
+    else:  # a deterministic held-out share of the rows, shuffled with a fixed seed (files are often sorted)
+        order = np.random.default_rng(0).permutation(len(texts))
+        n_val = max(1, int(len(texts) * cfg.val_fraction))
+        val_texts, val_labels = [texts[i] for i in order[:n_val]], [labels[i] for i in order[:n_val]]
+        texts, labels = [texts[i] for i in order[n_val:]], [labels[i] for i in order[n_val:]]
+    all_ids, names = label_ids(labels + val_labels, f"data.label_column={cfg.label_column!r}")
+    cls = tokenizer.token_to_id(CLS)
+
+    def encode(rows: list[str]) -> list[np.ndarray]:
+        encoded = tokenizer.encode_batch([t or "" for t in rows], add_special_tokens=False)
+        return [np.asarray([cls, *e.ids][:block_size], dtype=np.int64) for e in encoded]
+
+    return LabelledData(encode(texts), all_ids[: len(labels)], encode(val_texts), all_ids[len(labels):], names,
+                        description)
+
+
+def pad_batch(rows: list[np.ndarray], labels: np.ndarray, pad_id: int) -> tuple[torch.Tensor, ...]:
+    """(ids, key_padding, labels): rows padded with [PAD] to the longest in the batch; key_padding is True for
+    real tokens."""
+    length = max(len(r) for r in rows)
+    ids = np.full((len(rows), length), pad_id, dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+    ids_t = torch.from_numpy(ids)
+    return ids_t, ids_t != pad_id, torch.from_numpy(np.asarray(labels))
+
+
+class RandomRows(IterableDataset):
+    """Endless training batches of random rows, batch `step` drawn from rng(seed, rank, step), as RandomWindows."""
+
+    def __init__(self, data: LabelledData, batch_size: int, pad_id: int, seed: int, rank: int = 0,
+                 start_step: int = 0):
+        self.data, self.batch_size, self.pad_id = data, batch_size, pad_id
+        self.seed, self.rank, self.start_step = seed, rank, start_step
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        step = self.start_step
+        while True:
+            rows = np.random.default_rng([self.seed, self.rank, step]).integers(0, len(self.data.train),
+                                                                                 self.batch_size)
+            yield pad_batch([self.data.train[i] for i in rows], self.data.train_labels[rows], self.pad_id)
+            step += 1
+
+
+class LabelledDataModule(L.LightningDataModule):
+    def __init__(self, data: LabelledData, cfg: DataConfig, pad_id: int, seed: int):
+        super().__init__()
+        self.data, self.cfg, self.pad_id, self.seed = data, cfg, pad_id, seed
+
+    def train_dataloader(self) -> DataLoader:
+        rank = self.trainer.global_rank if self.trainer else 0
+        start = getattr(self.trainer.lightning_module, "batches_seen", 0) if self.trainer else 0
+        rows = RandomRows(self.data, self.cfg.batch_size, self.pad_id, self.seed, rank, start)
+        return DataLoader(rows, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        """Every validation row, in order, in fixed batches."""
+        size, data = self.cfg.batch_size, self.data
+        batches = [pad_batch(data.val[i : i + size], data.val_labels[i : i + size], self.pad_id)
+                   for i in range(0, len(data.val), size)]
+        return DataLoader(batches, batch_size=None)

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from minitx.model import GPT
+from minitx.config import ConfigError
+from minitx.model import GPT, Encoder
+from minitx.tokenizer import CLS, MASK
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
@@ -63,3 +69,30 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: fl
             for cache in caches:
                 cache.length = 0
             feed = context[:, -keep:]
+
+
+@torch.inference_mode()
+def fill_mask(model: Encoder, tokenizer: Tokenizer, text: str, top: int = 5) -> list[list[tuple[str, float]]]:
+    """For each [MASK] in `text`, the `top` most likely tokens with their probabilities."""
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    positions = [i for i, t in enumerate(ids) if t == tokenizer.token_to_id(MASK)]
+    if not positions:
+        raise ConfigError(f"prompt={text!r}: a masked-LM checkpoint fills [MASK] tokens; put at least one in it")
+    if len(ids) > model.config.block_size:
+        raise ConfigError(f"prompt={text[:40]!r}...: {len(ids)} tokens, more than model.block_size="
+                          f"{model.config.block_size}")
+    device = next(model.parameters()).device
+    hidden = model(torch.tensor([ids], device=device))
+    best = model.mlm_logits(hidden[0, positions]).softmax(dim=-1).topk(top, dim=-1)
+    return [[(tokenizer.decode([int(i)]), float(p)) for p, i in zip(ps, ix, strict=True)]
+            for ps, ix in zip(best.values, best.indices, strict=True)]
+
+
+@torch.inference_mode()
+def classify(model: Encoder, tokenizer: Tokenizer, text: str, labels: list[str]) -> list[tuple[str, float]]:
+    """Label probabilities for `text`, most likely first."""
+    ids = [tokenizer.token_to_id(CLS), *tokenizer.encode(text, add_special_tokens=False).ids][: model.config.block_size]
+    device = next(model.parameters()).device
+    hidden = model(torch.tensor([ids], device=device))
+    probs = model.class_logits(hidden)[0].softmax(dim=-1)
+    return sorted(zip(labels, probs.tolist(), strict=True), key=lambda pair: -pair[1])

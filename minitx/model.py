@@ -103,6 +103,13 @@ class Transformer(nn.Module):
             block.attn.sdpa_backend = sdpa_backend
 
 
+def count_params(model: nn.Module, non_embedding: bool = True) -> int:
+    """Parameter count; the position table is left out by default, as in the GPT papers."""
+    n = sum(p.numel() for p in model.parameters())
+    pos_emb = model.transformer.pos_emb
+    return n - pos_emb.weight.numel() if non_embedding and pos_emb is not None else n
+
+
 def init_weights(model: nn.Module, n_layer: int) -> None:
     """GPT-2 init: N(0, 0.02) weights, zero biases, residual projections scaled by 1/√(2·n_layer)."""
     for module in model.modules():
@@ -144,7 +151,39 @@ class GPT(nn.Module):
         return [KVCache(batch, c.n_head, c.block_size, c.n_embd // c.n_head, device, dtype) for _ in range(c.n_layer)]
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; the position table is left out by default, as in the GPT papers."""
-        n = sum(p.numel() for p in self.parameters())
-        pos_emb = self.transformer.pos_emb
-        return n - pos_emb.weight.numel() if non_embedding and pos_emb is not None else n
+        return count_params(self, non_embedding)
+
+
+class Encoder(nn.Module):
+    """Bidirectional model (BERT-style): the same trunk without the causal mask, a masked-LM head tied to the
+    token embedding, and, for sequence classification, a linear head over the pooled hidden states."""
+
+    def __init__(self, config: ModelConfig, n_classes: int = 0, pooling: str = "cls"):
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config, causal=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.tok_emb.weight  # weight tying
+        self.pooling = pooling  # cls: the first position's state; mean: the mean over real tokens
+        self.cls_head = nn.Linear(config.n_embd, n_classes) if n_classes else None
+        init_weights(self, config.n_layer)
+
+    def forward(self, idx: Tensor, key_padding: Tensor | None = None) -> Tensor:
+        """Hidden states (B, T, C); key_padding (B, T) is True for real tokens."""
+        return self.transformer(idx, key_padding=key_padding)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        return count_params(self, non_embedding)
+
+    def mlm_logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(hidden)
+
+    def class_logits(self, hidden: Tensor, key_padding: Tensor | None = None) -> Tensor:
+        assert self.cls_head is not None, "built without classes"
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            weights = (key_padding if key_padding is not None else torch.ones(hidden.shape[:2], dtype=torch.bool,
+                                                                                  device=hidden.device)).float()
+            pooled = (hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
+        return self.cls_head(pooled)

@@ -31,6 +31,7 @@ class SampleConfig:
     device: str
     attention: str | None
     use_cache: bool
+    candidates: int
 
     def validate(self) -> SampleConfig:
         if not self.ckpt:
@@ -88,8 +89,8 @@ def sample(cfg: SampleConfig, out: TextIO = sys.stdout) -> None:
 
     from minitx.attention import kernel_unavailable
     from minitx.checkpoint import load
-    from minitx.generation import generate
-    from minitx.tokenizer import EOT, stream_decode, unknown_chars
+    from minitx.generation import classify, fill_mask, generate
+    from minitx.tokenizer import EOT, MASK, stream_decode, unknown_chars
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -100,9 +101,18 @@ def sample(cfg: SampleConfig, out: TextIO = sys.stdout) -> None:
             fail("attention", cfg.attention, reason)
         loaded.model.transformer.set_attention(cfg.attention)
     tokenizer = loaded.tokenizer
-    unknown = unknown_chars(tokenizer, cfg.prompt)
+    unknown = unknown_chars(tokenizer, cfg.prompt.replace(MASK, ""))
     if unknown:
         fail("prompt", cfg.prompt, f"characters the tokenizer has never seen: {unknown}")
+    if loaded.task == "masked_lm":
+        for n, candidates in enumerate(fill_mask(loaded.model, tokenizer, cfg.prompt, cfg.candidates), start=1):
+            shown = "  ".join(f"{token!r} {p:.3f}" for token, p in candidates)
+            print(f"[MASK] {n}: {shown}", file=out, flush=True)
+        return
+    if loaded.task == "classify":
+        for label, p in classify(loaded.model, tokenizer, cfg.prompt, loaded.labels or []):
+            print(f"{label}\t{p:.4f}", file=out, flush=True)
+        return
     prompt = tokenizer.encode(cfg.prompt, add_special_tokens=False).ids or [tokenizer.token_to_id(EOT)]
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     for i in range(cfg.num_samples):

@@ -10,9 +10,10 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 
 from minitx.config import GuardConfig, MinitxError, ModelConfig, OptimConfig
-from minitx.model import GPT
+from minitx.model import GPT, Encoder
 
 log = logging.getLogger("minitx")
 CHECKPOINT_KEY = "minitx"  # the part of a .ckpt that rebuilds model and tokenizer without any config
@@ -203,3 +204,82 @@ class CausalLM(Task):
         if self.char_level:
             derived["bpc"] = means["loss"] / math.log(2)
         return derived
+
+
+def mask_tokens(x: torch.Tensor, generator: torch.Generator, mask_id: int, n_special: int, vocab_size: int,
+                p: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking: choose a fraction p of the non-special positions; 80% of them become [MASK], 10% a random
+    token, 10% stay as they are. Labels are the original tokens there and -100 (ignored) everywhere else."""
+    shape, device = x.shape, x.device
+    chosen = (torch.rand(shape, generator=generator, device=device) < p) & (x >= n_special)
+    action = torch.rand(shape, generator=generator, device=device)
+    random_tokens = torch.randint(n_special, vocab_size, shape, generator=generator, device=device)
+    inputs = torch.where(chosen & (action < 0.8), mask_id, x)
+    inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_tokens, inputs)
+    return inputs, torch.where(chosen, x, -100)
+
+
+class MaskedLM(Task):
+    """BERT-style masked-LM pretraining of an Encoder on packed windows of the token stream. Masks are drawn on
+    the fly from (seed, batch number), and for validation from the batch index alone, so every run and every
+    resume sees the same masks. Logs val/loss, val/mlm_acc and val/majority_acc (always guessing the most common
+    token: the baseline mlm_acc has to beat)."""
+
+    task = "masked_lm"
+    VAL_SEED = 20260101
+
+    def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, max_steps: int, tokenizer_json: str,
+                 mask_id: int, n_special: int, seed: int, majority_token: int, guard: GuardConfig | None = None,
+                 run_config: dict[str, Any] | None = None, document_eot: int | None = None):
+        super().__init__(model_cfg, optim_cfg, max_steps, tokenizer_json, guard, run_config)
+        self.mask_id, self.n_special, self.seed, self.majority_token = mask_id, n_special, seed, majority_token
+        self.document_eot = document_eot
+        self.model = Encoder(model_cfg)
+
+    def masked_loss(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        inputs, labels = mask_tokens(x, generator, self.mask_id, self.n_special, self.model_cfg.vocab_size)
+        doc_ids = None if self.document_eot is None else (x == self.document_eot).cumsum(dim=1)
+        hidden = self.model.transformer(inputs, doc_ids=doc_ids)
+        chosen = labels != -100
+        logits = self.model.mlm_logits(hidden[chosen])  # only masked positions go through the head and the loss
+        return F.cross_entropy(logits, labels[chosen]), logits, labels[chosen]
+
+    def train_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        generator = torch.Generator(device=batch[0].device).manual_seed(self.seed * 1_000_003 + self.batches_seen)
+        return self.masked_loss(batch[0], generator)[0]
+
+    def val_metrics(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator(device=batch[0].device).manual_seed(self.VAL_SEED + batch_idx)
+        loss, logits, labels = self.masked_loss(batch[0], generator)
+        return {"loss": loss, "mlm_acc": (logits.argmax(-1) == labels).float().mean(),
+                "majority_acc": (labels == self.majority_token).float().mean()}
+
+
+class SequenceClassifier(Task):
+    """A linear head over the Encoder's pooled states ([CLS] or mean); from scratch or from a masked-LM checkpoint.
+    Logs val/loss and val/acc."""
+
+    task = "classify"
+
+    def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, max_steps: int, tokenizer_json: str,
+                 labels: list[str], pooling: str = "cls", guard: GuardConfig | None = None,
+                 run_config: dict[str, Any] | None = None):
+        super().__init__(model_cfg, optim_cfg, max_steps, tokenizer_json, guard, run_config)
+        self.labels, self.pooling = labels, pooling
+        self.model = Encoder(model_cfg, n_classes=len(labels), pooling=pooling)
+
+    def logits_and_loss(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        ids, key_padding, labels = batch
+        logits = self.model.class_logits(self.model(ids, key_padding), key_padding)
+        return logits, F.cross_entropy(logits, labels)
+
+    def train_loss(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.logits_and_loss(batch)[1]
+
+    def val_metrics(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                    batch_idx: int) -> dict[str, torch.Tensor]:
+        logits, loss = self.logits_and_loss(batch)
+        return {"loss": loss, "acc": (logits.argmax(-1) == batch[2]).float().mean()}
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        return {"labels": self.labels, "pooling": self.pooling}

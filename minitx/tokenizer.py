@@ -16,31 +16,33 @@ from minitx.config import ConfigError, TokenizerConfig
 
 EOT = "<|endoftext|>"  # joins documents in the token stream; an empty prompt starts from it
 UNK = "[UNK]"  # a character the char vocabulary has never seen
+PAD, MASK, CLS, SEP = "[PAD]", "[MASK]", "[CLS]", "[SEP]"
 SPECIAL_TOKENS = [EOT, UNK]
+ENCODER_TOKENS = [PAD, MASK, CLS, SEP]  # added after SPECIAL_TOKENS for encoder tasks (masked LM, classification)
 
 
-def train_char_tokenizer(texts: Iterable[str]) -> Tokenizer:
+def train_char_tokenizer(texts: Iterable[str], specials: list[str] = SPECIAL_TOKENS) -> Tokenizer:
     """One token per character seen in `texts`; others become [UNK] (prompts refuse them, see unknown_chars)."""
     chars: set[str] = set()
     for text in texts:
         chars.update(text)
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + sorted(chars))}
+    vocab = {token: i for i, token in enumerate(specials + sorted(chars))}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     # "[\s\S]" is any character, newlines included ("." drops them)
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()  # join characters back without spaces
-    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    tokenizer.add_special_tokens(specials)
     return tokenizer
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, specials: list[str] = SPECIAL_TOKENS) -> Tokenizer:
     """Byte-level BPE (GPT-2 style): never meets an unknown character."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -48,32 +50,37 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def build_tokenizer(cfg: TokenizerConfig, texts: Iterable[str]) -> Tokenizer:
-    """Load `tokenizer.path`, or train the configured kind on `texts` (the training split)."""
+def build_tokenizer(cfg: TokenizerConfig, texts: Iterable[str], encoder: bool = False) -> Tokenizer:
+    """Load `tokenizer.path`, or train the configured kind on `texts` (the training split). Encoder tasks get
+    [PAD] [MASK] [CLS] [SEP] as well."""
+    specials = SPECIAL_TOKENS + ENCODER_TOKENS * encoder
     if cfg.path is not None:
-        return load_tokenizer_file(cfg.path)
+        return load_tokenizer_file(cfg.path, specials)
     if cfg.kind == "char":
-        return train_char_tokenizer(texts)
-    return train_bpe_tokenizer(texts, cfg.vocab_size)
+        return train_char_tokenizer(texts, specials)
+    return train_bpe_tokenizer(texts, cfg.vocab_size, specials)
 
 
-def load_tokenizer_file(path: str) -> Tokenizer:
+def load_tokenizer_file(path: str, specials: list[str] = SPECIAL_TOKENS) -> Tokenizer:
     if not Path(path).is_file():
         raise ConfigError(f"tokenizer.path={path!r}: no such file")
     try:
         tokenizer = Tokenizer.from_file(path)
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
         raise ConfigError(f"tokenizer.path={path!r}: not a tokenizer.json ({e})") from None
-    if tokenizer.token_to_id(EOT) is None:
-        tokenizer.add_special_tokens([EOT])  # the token stream needs a separator
+    missing = [t for t in specials if tokenizer.token_to_id(t) is None]
+    if missing:
+        tokenizer.add_special_tokens(missing)  # the token stream needs a separator, encoders need [MASK] and co.
     return tokenizer
 
 
-def tokenizer_spec(cfg: TokenizerConfig) -> str:
+def tokenizer_spec(cfg: TokenizerConfig, encoder: bool = False) -> str:
     """What decides the trained tokenizer, besides the corpus: part of the token cache's key."""
     if cfg.path is not None:
-        return "file:" + hashlib.sha256(Path(cfg.path).read_bytes()).hexdigest()
-    return f"{cfg.kind}:{cfg.vocab_size}" if cfg.kind == "bpe" else "char"
+        spec = "file:" + hashlib.sha256(Path(cfg.path).read_bytes()).hexdigest()
+    else:
+        spec = f"{cfg.kind}:{cfg.vocab_size}" if cfg.kind == "bpe" else "char"
+    return spec + ":encoder" * encoder
 
 
 def tokenizer_hash(tokenizer: Tokenizer) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from minitx.config import ConfigError, LoggerConfig, MinitxError, ModelConfig, TrainConfig, from_mapping
@@ -94,6 +95,32 @@ def check_same_run(meta: dict[str, Any], model_cfg: ModelConfig, tokenizer_json:
                           "the checkpoint's; resume with the same data and tokenizer settings")
 
 
+def load_init_from(config: TrainConfig) -> Any:
+    """The masked-LM checkpoint a classifier starts from (model.init_from)."""
+    from minitx.checkpoint import load
+
+    loaded = load(str(config.model.init_from), key="model.init_from")
+    if loaded.task != "masked_lm":
+        raise ConfigError(f"model.init_from={config.model.init_from!r}: a {loaded.task} checkpoint; "
+                          "a classifier starts from a masked_lm checkpoint (experiment=mlm)")
+    return loaded
+
+
+def check_same_architecture(pretrained: ModelConfig, model_cfg: ModelConfig) -> None:
+    """The classifier must be the pretrained model's shape, vocabulary included."""
+    for field in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos_emb", "norm", "activation"):
+        if getattr(pretrained, field) != getattr(model_cfg, field):
+            raise ConfigError(f"model.{field}={getattr(model_cfg, field)!r} but model.init_from was trained with "
+                              f"{getattr(pretrained, field)!r}; use the same model settings (and its tokenizer)")
+
+
+def _labelled_texts(cfg: Any) -> Iterator[str]:
+    from minitx.data import load_labelled
+
+    train, _, _ = load_labelled(cfg)
+    yield from (t for t in train[cfg.text_column] if t)
+
+
 def cpu_has_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -114,10 +141,19 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     from minitx.attention import resolve_kernel
     from minitx.callbacks import AtomicCheckpointIO, Checkpoint, FinalValidation, Throughput
     from minitx.checkpoint import read_checkpoint
-    from minitx.data import TokenDataModule, prepare_data
+    from minitx.data import LabelledDataModule, TokenDataModule, prepare_data, prepare_labelled
     from minitx.generation import generate
-    from minitx.tasks import CHECKPOINT_KEY, CausalLM
-    from minitx.tokenizer import EOT, is_char_level, stream_decode
+    from minitx.tasks import CHECKPOINT_KEY, CausalLM, MaskedLM, SequenceClassifier
+    from minitx.tokenizer import (
+        ENCODER_TOKENS,
+        EOT,
+        MASK,
+        PAD,
+        SPECIAL_TOKENS,
+        build_tokenizer,
+        is_char_level,
+        stream_decode,
+    )
 
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")  # Lightning 2.6 on torch 2.13
@@ -144,19 +180,43 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     if on_gpu:
         torch.set_float32_matmul_precision("high")
 
-    data = prepare_data(config.data, config.tokenizer, config.model.block_size + 1)
-    tokenizer = data.tokenizer
+    init = load_init_from(config) if config.task == "classify" and config.model.init_from else None
+    if config.task == "classify":
+        texts_cfg = config.data
+        tokenizer = init.tokenizer if init else build_tokenizer(
+            config.tokenizer, _labelled_texts(texts_cfg), encoder=True)
+        data = prepare_labelled(config.data, tokenizer, config.model.block_size)
+        description, sizes = data.description, f"{len(data.train):,} train / {len(data.val):,} val rows"
+    else:
+        data = prepare_data(config.data, config.tokenizer, config.model.block_size + 1,
+                            encoder=config.task == "masked_lm")
+        tokenizer = data.tokenizer
+        description = data.description + " (token cache)" * data.from_cache
+        sizes = f"{len(data.train):,} train / {len(data.val):,} val tokens"
     vocab = tokenizer.get_vocab_size()
     if config.model.vocab_size and config.model.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {vocab}")
     model_cfg = dataclasses.replace(config.model, vocab_size=config.model.vocab_size or vocab, attention=kernel)
+    if init is not None:
+        check_same_architecture(init.config, model_cfg)
     if resume_meta is not None:
         check_same_run(resume_meta, model_cfg, tokenizer.to_str(), str(config.resume))
     run_config = dataclasses.asdict(config) | {"model": dataclasses.asdict(model_cfg)}
     eot = tokenizer.token_to_id(EOT) if config.data.document_mask else None
-    module = CausalLM(model_cfg, config.optim, config.trainer.max_steps, tokenizer.to_str(),
-                      is_char_level(tokenizer), config.guard, run_config, document_eot=eot)
-    datamodule = TokenDataModule(data, config.data, model_cfg.block_size, config.seed)
+    common = (model_cfg, config.optim, config.trainer.max_steps, tokenizer.to_str())
+    if config.task == "classify":
+        module = SequenceClassifier(*common, data.labels, model_cfg.pooling, config.guard, run_config)
+        if init is not None:  # the pretrained trunk; the label head starts fresh
+            module.model.transformer.load_state_dict(init.model.transformer.state_dict())
+        datamodule = LabelledDataModule(data, config.data, tokenizer.token_to_id(PAD), config.seed)
+    elif config.task == "masked_lm":
+        majority = int(np.bincount(np.asarray(data.val.tokens)).argmax())
+        module = MaskedLM(*common, tokenizer.token_to_id(MASK), len(SPECIAL_TOKENS + ENCODER_TOKENS), config.seed,
+                          majority, config.guard, run_config, document_eot=eot)
+        datamodule = TokenDataModule(data, config.data, model_cfg.block_size, config.seed)
+    else:
+        module = CausalLM(*common, is_char_level(tokenizer), config.guard, run_config, document_eot=eot)
+        datamodule = TokenDataModule(data, config.data, model_cfg.block_size, config.seed)
 
     best = Checkpoint(
         dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1, save_last=True,
@@ -183,8 +243,7 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
         enable_model_summary=False,
     )
     if trainer.is_global_zero:
-        log.info("data: %s, %s train / %s val tokens%s, vocabulary %d", data.description, f"{len(data.train):,}",
-                 f"{len(data.val):,}", " (token cache)" if data.from_cache else "", vocab)
+        log.info("data: %s, %s, vocabulary %d", description, sizes, vocab)
         log.info("model: %.2fM parameters, attention=%s (%s); outputs in %s", module.model.num_params() / 1e6,
                  model_cfg.attention, why, out_dir)
         if resume:
@@ -197,7 +256,7 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
         start = f"{module.initial_val_loss:.4f} at step 0 -> " if module.initial_val_loss is not None else ""
         log.info("val/loss %s%.4f at step %d (best %.4f)", start, final, trainer.global_step, best_loss)
         print(f"checkpoint: {best.best_model_path}", flush=True)
-        if config.sample.max_new_tokens > 0:
+        if config.sample.max_new_tokens > 0 and config.task == "causal_lm":
             model = module.model.eval()
             prompt = tokenizer.encode(config.sample.prompt).ids or [tokenizer.token_to_id(EOT)]
             generator = torch.Generator(device=next(model.parameters()).device).manual_seed(config.seed)
