@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import lightning as L
@@ -66,18 +66,7 @@ def builtin_corpus_files() -> list[Path]:
 def load_corpus(cfg: DataConfig) -> Corpus:
     import datasets
 
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    if cfg.path is not None:
-        splits, description = _load_local(cfg.path, cfg.streaming), f"data.path={cfg.path}"
-    elif cfg.hub_id is not None:
-        splits, description = _load_hub(cfg), f"data.hub_id={cfg.hub_id}"
-    else:
-        files = [str(f) for f in builtin_corpus_files()]
-        splits = datasets.load_dataset(
-            "text", data_files={"train": files}, sample_by="document", keep_linebreaks=True
-        )
-        description = f"built-in corpus: {len(files)} standard-library modules"
+    splits, description = load_splits(cfg)
     if cfg.streaming:  # read the first data.max_documents of each split, never the whole dataset
         splits = {name: datasets.Dataset.from_list(list(split.take(cfg.max_documents)))
                   for name, split in splits.items()}
@@ -96,6 +85,23 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     if val is None:
         parts.append(str(cfg.val_fraction))
     return Corpus(train, val, cfg.text_column, "-".join(parts), description)
+
+
+def load_splits(cfg: DataConfig, builtin: bool = True) -> tuple[Any, str]:
+    """The dataset's splits (data.path, else data.hub_id, else the built-in corpus) and a description."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    if cfg.path is not None:
+        return _load_local(cfg.path, cfg.streaming), f"data.path={cfg.path}"
+    if cfg.hub_id is not None:
+        return _load_hub(cfg), f"data.hub_id={cfg.hub_id}"
+    if not builtin:
+        raise DataError("classification needs labelled data: set data.path=<csv/jsonl/parquet> or data.hub_id=")
+    files = [str(f) for f in builtin_corpus_files()]
+    splits = datasets.load_dataset("text", data_files={"train": files}, sample_by="document", keep_linebreaks=True)
+    return splits, f"built-in corpus: {len(files)} standard-library modules"
 
 
 def _source_fingerprint(cfg: DataConfig) -> str:
@@ -331,6 +337,14 @@ class FixedWindows(Dataset):
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 
+def stream_position(trainer: L.Trainer | None) -> tuple[int, int]:
+    """(rank, first batch to draw): train_dataloader runs after a checkpoint is restored, so a resumed run starts at
+    the batch after its last one."""
+    if trainer is None:
+        return 0, 0
+    return trainer.global_rank, getattr(trainer.lightning_module, "batches_seen", 0)
+
+
 class TokenDataModule(L.LightningDataModule):
     """Serves prepared token streams to Lightning; batches are built whole, so loaders use batch_size=None."""
 
@@ -339,10 +353,8 @@ class TokenDataModule(L.LightningDataModule):
         self.data, self.cfg, self.block_size, self.seed = data, cfg, block_size, seed
 
     def train_dataloader(self) -> DataLoader:
-        """Called after a checkpoint is restored, so a resumed run starts at the batch after its last one."""
-        rank = self.trainer.global_rank if self.trainer else 0
-        start = getattr(self.trainer.lightning_module, "batches_seen", 0) if self.trainer else 0
-        windows = RandomWindows(self.data.train, self.block_size, self.cfg.batch_size, self.seed, rank, start)
+        windows = RandomWindows(self.data.train, self.block_size, self.cfg.batch_size, self.seed,
+                                *stream_position(self.trainer))
         return DataLoader(windows, batch_size=None, pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader:
@@ -364,18 +376,9 @@ class LabelledData:
 
 def load_labelled(cfg: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset | None, str]:
     """The training split (and validation split, if any) of a labelled dataset, columns checked."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
     if cfg.label_column is None:
         raise DataError("data.label_column is not set: name the column that holds the labels")
-    if cfg.path is not None:
-        splits, description = _load_local(cfg.path), f"data.path={cfg.path}"
-    elif cfg.hub_id is not None:
-        splits, description = _load_hub(cfg), f"data.hub_id={cfg.hub_id}"
-    else:
-        raise DataError("classification needs labelled data: set data.path=<csv/jsonl/parquet> or data.hub_id=")
+    splits, description = load_splits(cfg, builtin=False)
     train = splits["train"] if "train" in splits else splits[next(iter(splits))]
     for key, column in (("text_column", cfg.text_column), ("label_column", cfg.label_column)):
         if column not in train.column_names:
@@ -455,9 +458,7 @@ class LabelledDataModule(L.LightningDataModule):
         self.data, self.cfg, self.pad_id, self.seed = data, cfg, pad_id, seed
 
     def train_dataloader(self) -> DataLoader:
-        rank = self.trainer.global_rank if self.trainer else 0
-        start = getattr(self.trainer.lightning_module, "batches_seen", 0) if self.trainer else 0
-        rows = RandomRows(self.data, self.cfg.batch_size, self.pad_id, self.seed, rank, start)
+        rows = RandomRows(self.data, self.cfg.batch_size, self.pad_id, self.seed, *stream_position(self.trainer))
         return DataLoader(rows, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
