@@ -65,7 +65,6 @@ class AttentionMask:
 
 
 CAUSAL = AttentionMask(causal=True)
-BIDIRECTIONAL = AttentionMask(causal=False)
 
 # kernel(q, k, v, mask, dropout_p) -> (B, H, T_q, D); q is (B, H, T_q, D), k and v are (B, H, T_k, D), T_k >= T_q.
 AttentionKernel = Callable[[Tensor, Tensor, Tensor, AttentionMask, float], Tensor]

@@ -372,6 +372,7 @@ class LabelledData:
     val_labels: np.ndarray
     labels: list[str]
     description: str
+    tokenizer: Tokenizer
 
 
 def load_labelled(cfg: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset | None, str]:
@@ -401,7 +402,10 @@ def label_ids(values: list, key: str) -> tuple[np.ndarray, list[str]]:
     raise DataError(f"{key}: labels must be integers or strings, found {bad!r} ({type(bad).__name__})")
 
 
-def prepare_labelled(cfg: DataConfig, tokenizer: Tokenizer, block_size: int) -> LabelledData:
+def prepare_labelled(cfg: DataConfig, tok_cfg: TokenizerConfig, block_size: int,
+                     tokenizer: Tokenizer | None = None) -> LabelledData:
+    """Load, split and tokenize labelled rows; without `tokenizer`, train one (with the encoder's special tokens)
+    on the training rows."""
     from minitx.tokenizer import CLS
 
     train, val, description = load_labelled(cfg)
@@ -414,6 +418,8 @@ def prepare_labelled(cfg: DataConfig, tokenizer: Tokenizer, block_size: int) -> 
         val_texts, val_labels = [texts[i] for i in order[:n_val]], [labels[i] for i in order[:n_val]]
         texts, labels = [texts[i] for i in order[n_val:]], [labels[i] for i in order[n_val:]]
     all_ids, names = label_ids(labels + val_labels, f"data.label_column={cfg.label_column!r}")
+    if tokenizer is None:
+        tokenizer = build_tokenizer(tok_cfg, (t for t in texts if t), encoder=True)
     cls = tokenizer.token_to_id(CLS)
 
     def encode(rows: list[str]) -> list[np.ndarray]:
@@ -421,7 +427,7 @@ def prepare_labelled(cfg: DataConfig, tokenizer: Tokenizer, block_size: int) -> 
         return [np.asarray([cls, *e.ids][:block_size], dtype=np.int64) for e in encoded]
 
     return LabelledData(encode(texts), all_ids[: len(labels)], encode(val_texts), all_ids[len(labels):], names,
-                        description)
+                        description, tokenizer)
 
 
 def pad_batch(rows: list[np.ndarray], labels: np.ndarray, pad_id: int) -> tuple[torch.Tensor, ...]:

@@ -9,7 +9,7 @@ import netrc
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,13 +83,9 @@ def resume_checkpoint(resume: str) -> Path:
 def check_same_run(meta: dict[str, Any], model_cfg: ModelConfig, tokenizer_json: str | None, resume: str) -> None:
     """A resumed run must rebuild the checkpoint's model and tokenizer exactly. Without the tokenizer (before the
     data is read) the vocabulary size is checked only if it is set explicitly."""
-    current = dataclasses.asdict(model_cfg)
-    for key, saved in meta["model"].items():
-        if key == "vocab_size" and current[key] == 0:
-            continue
-        if current.get(key) != saved:
-            raise ConfigError(f"model.{key}={current.get(key)!r} but the checkpoint in resume={resume!r} was "
-                              f"trained with {saved!r}; resume with the same settings")
+    keys = [k for k in meta["model"] if not (k == "vocab_size" and model_cfg.vocab_size == 0)]
+    require_same_model(meta["model"], model_cfg, keys, f"the checkpoint in resume={resume!r}",
+                       "resume with the same settings")
     if tokenizer_json is not None and meta["tokenizer"] != tokenizer_json:
         raise ConfigError(f"resume={resume!r}: the tokenizer built from this data/tokenizer config differs from "
                           "the checkpoint's; resume with the same data and tokenizer settings")
@@ -106,19 +102,21 @@ def load_init_from(config: TrainConfig) -> Any:
     return loaded
 
 
+def require_same_model(saved: dict[str, Any], model_cfg: ModelConfig, keys: Iterable[str], source: str,
+                       fix: str) -> None:
+    """The first of `keys` where model_cfg differs from a checkpoint's saved model settings fails as one line."""
+    current = dataclasses.asdict(model_cfg)
+    for key in keys:
+        if current.get(key) != saved.get(key):
+            raise ConfigError(f"model.{key}={current.get(key)!r} but {source} was trained with {saved.get(key)!r}; "
+                              f"{fix}")
+
+
 def check_same_architecture(pretrained: ModelConfig, model_cfg: ModelConfig) -> None:
     """The classifier must be the pretrained model's shape, vocabulary included."""
-    for field in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos_emb", "norm", "activation"):
-        if getattr(pretrained, field) != getattr(model_cfg, field):
-            raise ConfigError(f"model.{field}={getattr(model_cfg, field)!r} but model.init_from was trained with "
-                              f"{getattr(pretrained, field)!r}; use the same model settings (and its tokenizer)")
-
-
-def _labelled_texts(cfg: Any) -> Iterator[str]:
-    from minitx.data import load_labelled
-
-    train, _, _ = load_labelled(cfg)
-    yield from (t for t in train[cfg.text_column] if t)
+    keys = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos_emb", "norm", "activation")
+    require_same_model(dataclasses.asdict(pretrained), model_cfg, keys, "model.init_from",
+                       "use the same model settings (and its tokenizer)")
 
 
 def cpu_has_bf16() -> bool:
@@ -150,7 +148,6 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
         MASK,
         PAD,
         SPECIAL_TOKENS,
-        build_tokenizer,
         is_char_level,
         stream_decode,
     )
@@ -158,7 +155,8 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")  # Lightning 2.6 on torch 2.13
     resume = resume_checkpoint(config.resume) if config.resume else None
-    resume_meta = read_checkpoint(resume, "resume")[CHECKPOINT_KEY] if resume else None
+    resume_state = read_checkpoint(resume, "resume") if resume else None
+    resume_meta = resume_state[CHECKPOINT_KEY] if resume_state else None
     if resume_meta is not None:
         check_same_run(resume_meta, config.model, None, str(config.resume))
     ckpt_dir = resume.parent if resume else out_dir / "checkpoints"  # a resumed run keeps writing where it was
@@ -182,10 +180,9 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
 
     init = load_init_from(config) if config.task == "classify" and config.model.init_from else None
     if config.task == "classify":
-        texts_cfg = config.data
-        tokenizer = init.tokenizer if init else build_tokenizer(
-            config.tokenizer, _labelled_texts(texts_cfg), encoder=True)
-        data = prepare_labelled(config.data, tokenizer, config.model.block_size)
+        data = prepare_labelled(config.data, config.tokenizer, config.model.block_size,
+                                init.tokenizer if init else None)
+        tokenizer = data.tokenizer
         description, sizes = data.description, f"{len(data.train):,} train / {len(data.val):,} val rows"
     else:
         data = prepare_data(config.data, config.tokenizer, config.model.block_size + 1,
@@ -247,7 +244,7 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
         log.info("model: %.2fM parameters, attention=%s (%s); outputs in %s", module.model.num_params() / 1e6,
                  model_cfg.attention, why, out_dir)
         if resume:
-            log.info("resuming %s at step %d", resume, int(read_checkpoint(resume).get("global_step", 0)))
+            log.info("resuming %s at step %d", resume, int(resume_state.get("global_step", 0)))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
 
     final = float(trainer.callback_metrics["val/loss"])
