@@ -165,7 +165,8 @@ PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true",
 
 @dataclass
 class TrainerConfig:
-    """Passed to `lightning.Trainer` under the same names."""
+    """Passed to `lightning.Trainer` under the same names, except the two its optimizer step uses, which minitx's
+    Task applies itself (see minitx.tasks.Task): gradient_clip_val and accumulate_grad_batches."""
 
     accelerator: str = "auto"
     devices: Any = 1

@@ -154,6 +154,8 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
 
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")  # Lightning 2.6 on torch 2.13
+    # the state after the step is the one to save (as in automatic optimization); resume tests check it
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     resume = resume_checkpoint(config.resume) if config.resume else None
     resume_state = read_checkpoint(resume, "resume") if resume else None
     resume_meta = resume_state[CHECKPOINT_KEY] if resume_state else None
@@ -200,7 +202,7 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
         check_same_run(resume_meta, model_cfg, tokenizer.to_str(), str(config.resume))
     run_config = dataclasses.asdict(config) | {"model": dataclasses.asdict(model_cfg)}
     eot = tokenizer.token_to_id(EOT) if config.data.document_mask else None
-    common = (model_cfg, config.optim, config.trainer.max_steps, tokenizer.to_str())
+    common = (model_cfg, config.optim, config.trainer, tokenizer.to_str())
     if config.task == "classify":
         module = SequenceClassifier(*common, data.labels, model_cfg.pooling, config.guard, run_config)
         if init is not None:  # the pretrained trunk; the label head starts fresh
@@ -228,7 +230,8 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     # redrawing the bar every step costs ~0.5 ms; every log interval is enough to watch it
     progress_bar = [TQDMProgressBar(refresh_rate=config.trainer.log_every_n_steps)] * config.trainer.enable_progress_bar
     trainer = L.Trainer(
-        **dataclasses.asdict(config.trainer),
+        **{k: v for k, v in dataclasses.asdict(config.trainer).items()
+           if k not in ("gradient_clip_val", "accumulate_grad_batches")},  # the Task's own step applies these
         logger=make_logger(config.logger, config.name, out_dir, run_config, run_id),
         callbacks=[best, periodic, Throughput(config.trainer.log_every_n_steps, config.perf.peak_flops),
                    FinalValidation(), *progress_bar, *(callbacks or [])],

@@ -15,7 +15,7 @@ from conftest import make_text
 from test_train import compose_config
 
 from minitx.attention import MultiHeadSelfAttention
-from minitx.config import ConfigError, MinitxError, ModelConfig
+from minitx.config import ConfigError, MinitxError, ModelConfig, OptimConfig, TrainerConfig
 from minitx.data import DataError
 from minitx.model import GPT, Encoder
 from minitx.sample import parse_args, sample
@@ -45,11 +45,11 @@ def test_masking_ratios_follow_bert() -> None:
 
 
 def test_mlm_loss_counts_only_masked_positions() -> None:
-    from minitx.config import OptimConfig
     from minitx.tasks import MaskedLM
 
     cfg = ModelConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=16).validate()
-    task = MaskedLM(cfg, OptimConfig(), 10, "{}", mask_id=3, n_special=6, seed=0, majority_token=6)
+    task = MaskedLM(cfg, OptimConfig(), TrainerConfig(max_steps=10), "{}", mask_id=3, n_special=6, seed=0,
+                    majority_token=6)
     x = torch.randint(6, 40, (4, 16), generator=torch.Generator().manual_seed(2))
     loss, _, _ = task.masked_loss(x, torch.Generator().manual_seed(5))
     inputs, labels = mask_tokens(x, torch.Generator().manual_seed(5), 3, 6, 40)

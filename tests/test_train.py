@@ -309,3 +309,42 @@ def test_bf16_on_a_cpu_without_bf16_warns(trained: Path, tmp_path: Path, monkeyp
     with caplog.at_level("WARNING", logger="minitx"):
         train(parse_config(compose_config(*overrides)), tmp_path)
     assert "trainer.precision=bf16-mixed on a CPU without bfloat16 hardware runs about 16x slower" in caplog.text
+
+
+def test_training_step_equals_a_plain_loop(tmp_path: Path) -> None:
+    """minitx's optimizer step (written out, not Lightning's automatic loop) is the textbook one: accumulate the
+    gradients of `accumulate_grad_batches` batches, clip their global norm, AdamW step on the warmup + cosine
+    schedule. Checked against a loop written here over the same batches."""
+    import dataclasses
+
+    from minitx.data import RandomWindows, prepare_data
+    from minitx.model import GPT
+    from minitx.tasks import adamw, lr_at
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_text(2000))
+    config = parse_config(compose_config(
+        *TINY, f"data.path={corpus}", "logger=none", "trainer.max_steps=6", "trainer.accumulate_grad_batches=3",
+        "trainer.gradient_clip_val=0.05", "optim.warmup_steps=2", "data.batch_size=4", "sample.max_new_tokens=0"))
+    train(config, tmp_path / "run")
+    trained = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert trained["global_step"] == 6 and trained["minitx"]["batches_seen"] == 18
+
+    data = prepare_data(config.data, config.tokenizer, config.model.block_size + 1)
+    torch.manual_seed(config.seed)
+    model = GPT(dataclasses.replace(config.model, vocab_size=data.tokenizer.get_vocab_size()))
+    optimizer = adamw(model, config.optim)
+    batches = iter(RandomWindows(data.train, config.model.block_size, 4, config.seed))
+    norms = []
+    for step in range(6):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config.optim, 6)
+        for _ in range(3):
+            x, y = next(batches)
+            (model(x, y)[1] / 3).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert min(norms) > 0.05  # clipping was active on every step
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(trained["state_dict"][f"model.{name}"], value, atol=1e-5, rtol=1e-4)
