@@ -121,12 +121,15 @@ class DataConfig:
     batch_size: int = 16
     val_batches: int = 50  # fixed windows evaluated each time, so val numbers compare across runs
     document_mask: bool = False  # attend only within a document when a window spans <|endoftext|>
+    mlm_probability: float = 0.15  # task=masked_lm: the share of tokens chosen for prediction (BERT: 0.15)
     streaming: bool = False  # read the dataset as a stream: only its first max_documents, never the whole of it
     max_documents: int = 0  # with streaming: how many documents of each split to read
     cache_dir: str | None = None  # token-stream cache; default ~/.cache/minitx
 
     def validate(self) -> DataConfig:
         check_positive("data", self, "batch_size", "val_batches")
+        if not 0.0 < self.mlm_probability < 1.0:
+            fail("data.mlm_probability", self.mlm_probability, "must be in (0, 1); BERT uses 0.15")
         if self.streaming and self.max_documents <= 0:
             fail("data.max_documents", self.max_documents, "data.streaming=true needs a limit > 0 (per split)")
         if not 0.0 < self.val_fraction < 1.0:

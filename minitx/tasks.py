@@ -252,14 +252,17 @@ class MaskedLM(Task):
 
     def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig, tokenizer_json: str,
                  mask_id: int, n_special: int, seed: int, majority_token: int, guard: GuardConfig | None = None,
-                 run_config: dict[str, Any] | None = None, document_eot: int | None = None):
+                 run_config: dict[str, Any] | None = None, document_eot: int | None = None,
+                 mlm_probability: float = 0.15):
         super().__init__(model_cfg, optim_cfg, trainer_cfg, tokenizer_json, guard, run_config)
         self.mask_id, self.n_special, self.seed, self.majority_token = mask_id, n_special, seed, majority_token
         self.document_eot = document_eot
+        self.mlm_probability = mlm_probability
         self.model = Encoder(model_cfg)
 
     def masked_loss(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-        inputs, labels = mask_tokens(x, generator, self.mask_id, self.n_special, self.model_cfg.vocab_size)
+        inputs, labels = mask_tokens(x, generator, self.mask_id, self.n_special, self.model_cfg.vocab_size,
+                                     self.mlm_probability)
         doc_ids = None if self.document_eot is None else (x == self.document_eot).cumsum(dim=1)
         hidden = self.model.transformer(inputs, doc_ids=doc_ids)
         chosen = labels != -100

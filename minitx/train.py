@@ -211,7 +211,8 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     elif config.task == "masked_lm":
         majority = int(np.bincount(np.asarray(data.val.tokens)).argmax())
         module = MaskedLM(*common, tokenizer.token_to_id(MASK), len(SPECIAL_TOKENS + ENCODER_TOKENS), config.seed,
-                          majority, config.guard, run_config, document_eot=eot)
+                          majority, config.guard, run_config, document_eot=eot,
+                          mlm_probability=config.data.mlm_probability)
         datamodule = TokenDataModule(data, config.data, model_cfg.block_size, config.seed)
     else:
         module = CausalLM(*common, is_char_level(tokenizer), config.guard, run_config, document_eot=eot)

@@ -26,13 +26,14 @@ ENCODER = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_
            "data.val_batches=4", "trainer.enable_progress_bar=false", "optim.warmup_steps=10", "logger=csv"]
 
 
-def test_masking_ratios_follow_bert() -> None:
+@pytest.mark.parametrize("p", [0.15, 0.4])
+def test_masking_ratios_follow_bert(p: float) -> None:
     x = torch.randint(0, 100, (400, 256), generator=torch.Generator().manual_seed(0))
-    inputs, labels = mask_tokens(x, torch.Generator().manual_seed(1), mask_id=3, n_special=6, vocab_size=100)
+    inputs, labels = mask_tokens(x, torch.Generator().manual_seed(1), mask_id=3, n_special=6, vocab_size=100, p=p)
     chosen = labels != -100
     eligible = x >= 6
     assert not chosen[~eligible].any()  # special tokens are never masked
-    assert chosen[eligible].float().mean() == pytest.approx(0.15, abs=0.005)
+    assert chosen[eligible].float().mean() == pytest.approx(p, abs=0.005)
     assert torch.equal(labels[chosen], x[chosen])
     masked = (inputs == 3) & chosen
     unchanged = (inputs == x) & chosen

@@ -162,6 +162,7 @@ def test_checkpoint_whose_pickle_runs_code_is_refused(tmp_path: Path, monkeypatc
         (["+model.n_layr=3"], "model.n_layr: unknown key"),
         (["guard.on_nonfinite=skip", "trainer.devices=2"], "guard.on_nonfinite='skip': skipping a step is for"),
         (["checkpoint.every_n_steps=0"], "checkpoint.every_n_steps=0: must be > 0"),
+        (["data.mlm_probability=1.5"], "data.mlm_probability=1.5: must be in (0, 1); BERT uses 0.15"),
         (["tokenizer.path=missing.json"], "tokenizer.path='missing.json': no such file"),
         pytest.param(["trainer.precision=16-mixed"], "trainer.precision='16-mixed': float16 needs a GPU",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only check")),
