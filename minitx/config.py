@@ -307,6 +307,9 @@ class TrainConfig:
         several = (isinstance(devices, int) and devices != 1) or (isinstance(devices, list) and len(devices) > 1)
         if self.guard.on_nonfinite == "skip" and (several or self.trainer.num_nodes > 1):
             fail("guard.on_nonfinite", "skip", "skipping a step is for single-process runs (ranks would disagree)")
+        if self.guard.on_nonfinite == "skip" and str(self.trainer.precision) == "16-mixed":
+            fail("guard.on_nonfinite", "skip", "not with trainer.precision=16-mixed, whose grad scaler already skips "
+                 "steps that overflow; use guard.on_nonfinite=stop")
         return self
 
 

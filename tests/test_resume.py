@@ -3,6 +3,7 @@ whole; a non-finite loss or gradient stops the run (or skips the step) with the 
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -199,3 +200,22 @@ def test_resume_continues_the_same_wandb_run(tmp_path: Path, corpus: Path) -> No
     [resumed] = (second / "wandb").glob("offline-run-*")
     assert resumed.name.endswith(f"-{run_id}")
     assert read_checkpoint(first / "checkpoints" / "last.ckpt")["global_step"] == 20
+
+
+def test_checkpoint_from_automatic_optimization_resumes_at_its_step(tmp_path: Path, corpus: Path) -> None:
+    """Checkpoints written before minitx wrote its optimizer step itself keep their step count in Lightning's
+    automatic-optimization counter; resuming one must continue from that step, not from 0."""
+    overrides = [*RUN, f"data.path={corpus}", "trainer.max_steps=20"]
+    train(parse_config(compose_config(*overrides)), tmp_path / "run")
+    path = tmp_path / "run" / "checkpoints" / "step-000010.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    loops = checkpoint["loops"]["fit_loop"]
+    manual = loops["epoch_loop.manual_optimization.optim_step_progress"]
+    loops["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["step"] = copy.deepcopy(manual)
+    for counters in manual.values():  # as the old code left it
+        counters.update(ready=0, completed=0)
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    train(parse_config(compose_config(*overrides, f"resume={old}", "trainer.max_steps=30")), tmp_path / "resumed")
+    last = read_checkpoint(tmp_path / "last.ckpt")  # a resumed run writes beside the checkpoint it came from
+    assert last["global_step"] == 30 and last["minitx"]["batches_seen"] == 30  # 20 more steps, not 30

@@ -177,6 +177,15 @@ def test_bad_config_fails_at_start_up(overrides: list[str], message: str) -> Non
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only check")
+def test_skip_is_refused_under_float16_loss_scaling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """16-mixed needs a GPU, so the device check is lifted to reach the guard's own check."""
+    from minitx.config import TrainerConfig
+
+    monkeypatch.setattr(TrainerConfig, "_check_device", lambda self: None)
+    with pytest.raises(ConfigError, match=r"^guard.on_nonfinite='skip': not with trainer.precision=16-mixed"):
+        parse_config(compose_config("guard.on_nonfinite=skip", "trainer.precision=16-mixed"))
+
+
 def test_kernels_that_cannot_train_here_are_refused_at_start_up(tmp_path: Path) -> None:
     for kernel, message in [
         ("flex", "model.attention='flex': flex_attention has no backward on CPU (torch 2.13): use it for evaluation "
@@ -326,7 +335,8 @@ def test_training_step_equals_a_plain_loop(tmp_path: Path) -> None:
     corpus.write_text(make_text(2000))
     config = parse_config(compose_config(
         *TINY, f"data.path={corpus}", "logger=none", "trainer.max_steps=6", "trainer.accumulate_grad_batches=3",
-        "trainer.gradient_clip_val=0.05", "optim.warmup_steps=2", "data.batch_size=4", "sample.max_new_tokens=0"))
+        "trainer.gradient_clip_val=0.05", "optim.warmup_steps=2", "data.batch_size=4", "sample.max_new_tokens=0",
+        "trainer.val_check_interval=4"))  # evaluations land inside accumulation windows too
     train(config, tmp_path / "run")
     trained = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert trained["global_step"] == 6 and trained["minitx"]["batches_seen"] == 18
