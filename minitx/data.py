@@ -304,15 +304,18 @@ class RandomWindows(IterableDataset):
     """Endless training batches: (x, y) of random windows, batch `step` drawn from rng(seed, rank, step)."""
 
     def __init__(self, stream: TokenStream, block_size: int, batch_size: int, seed: int, rank: int = 0,
-                 start_step: int = 0):
+                 start_step: int = 0, pin_memory: bool = False):
         self.stream, self.block_size, self.batch_size = stream, block_size, batch_size
-        self.seed, self.rank, self.start_step = seed, rank, start_step
+        self.seed, self.rank, self.start_step, self.pin_memory = seed, rank, start_step, pin_memory
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.rank, step])
         starts = rng.integers(0, len(self.stream) - self.block_size, size=self.batch_size)
         w = self.stream.windows(starts, self.block_size + 1)
-        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+        x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
+        if self.pin_memory:  # page-locked: the copy to the GPU can overlap compute
+            return x.pin_memory(), y.pin_memory()
+        return x, y
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         step = self.start_step
@@ -352,10 +355,10 @@ class TokenDataModule(L.LightningDataModule):
         super().__init__()
         self.data, self.cfg, self.block_size, self.seed = data, cfg, block_size, seed
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> RandomWindows:
         windows = RandomWindows(self.data.train, self.block_size, self.cfg.batch_size, self.seed,
-                                *stream_position(self.trainer))
-        return DataLoader(windows, batch_size=None, pin_memory=torch.cuda.is_available())
+                                *stream_position(self.trainer), pin_memory=torch.cuda.is_available())
+        return windows  # an endless iterable of whole batches: a DataLoader around it would only add per-step cost
 
     def val_dataloader(self) -> DataLoader:
         windows = FixedWindows(self.data.val, self.block_size, self.cfg.batch_size, self.cfg.val_batches)

@@ -79,6 +79,12 @@ class Task(L.LightningModule):
 
     model: torch.nn.Module
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "_current_fx_name":  # set and reset around each of ~30 hook calls a step: skip nn.Module's checks
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def train_loss(self, batch: Any) -> torch.Tensor:
         raise NotImplementedError
 
@@ -109,15 +115,13 @@ class Task(L.LightningModule):
                 self.manual_backward(loss / self.accumulate)  # DDP: gradients sync on a window's last batch only
         else:
             self._nonfinite("loss", loss)  # raises, or skips: this batch adds no gradient
-        lr = optimizer.param_groups[0]["lr"]  # type: ignore[union-attr]  # the rate this step uses
         if stepping:
+            lr = lr_at(self.trainer.global_step, self.optim_cfg, self.decay_steps)  # a function of the step alone
+            for group in optimizer.param_groups:  # type: ignore[union-attr]
+                group["lr"] = lr
             optimizer.step()  # type: ignore[union-attr]
             optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
-            self.lr_schedulers().step()  # type: ignore[union-attr]
-        if (batch_idx + 1) % self.trainer.log_every_n_steps == 0:  # self.log costs ~0.3 ms a call: only when written
-            self.log("train/loss", loss.detach(), prog_bar=True)
-            self.log("lr", lr)
-        return loss
+        return loss  # the TrainingMetrics callback logs it (and lr) every trainer.log_every_n_steps batches
 
     def on_validation_model_zero_grad(self) -> None:
         """Lightning empties the gradients before an evaluation; inside an accumulation window they are still
@@ -157,25 +161,21 @@ class Task(L.LightningModule):
         means = {k: torch.stack([m[k] for m in self._val_metrics]).mean() for k in self._val_metrics[0]}
         self._val_metrics.clear()
         means |= self.derived_metrics(means)
-        metrics = {f"val/{k}": v for k, v in means.items()}
-        loss = means["loss"]
-        self.log_dict(metrics, prog_bar=False, sync_dist=True)
-        step = 0 if self.trainer.sanity_checking else self.trainer.global_step
+        metrics = {f"val/{k}": self.trainer.strategy.reduce(v, reduce_op="mean") for k, v in means.items()}
+        self.log_dict(metrics, logger=False)  # for the checkpoint callbacks (val/loss)
+        step = 0 if self.trainer.sanity_checking else self.trainer.global_step  # the sanity pass: the step-0 eval
+        numbers = {k: float(v) for k, v in metrics.items()}
+        for logger in self.loggers:  # at the optimizer step, as TrainingMetrics logs (rank 0 writes)
+            logger.log_metrics(numbers, step=step)
         if self.trainer.is_global_zero:
-            shown = ", ".join(f"{k} {float(v):.4f}" for k, v in metrics.items() if k != "val/ppl")
-            log.info("step %d: %s", step, shown)
-        if self.trainer.sanity_checking:  # the sanity pass runs every val batch: it is the step-0 evaluation
-            self.initial_val_loss = float(loss)
-            if self.logger is not None:
-                self.logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=0)
+            log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in numbers.items() if k != "val/ppl"))
+        if self.trainer.sanity_checking:
+            self.initial_val_loss = numbers["val/loss"]
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = adamw(self.model, self.optim_cfg, fused=self.trainer.precision != "16-mixed")
-        base = self.optim_cfg.lr
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_at(step, self.optim_cfg, self.decay_steps) / base
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW; training_step sets its learning rate from the step number before each step (lr_at), so the
+        schedule needs no state of its own and resumes exactly."""
+        return adamw(self.model, self.optim_cfg, fused=self.trainer.precision != "16-mixed")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         rng = {"torch": torch.get_rng_state()}

@@ -134,10 +134,16 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     """
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import TQDMProgressBar
 
     from minitx.attention import resolve_kernel
-    from minitx.callbacks import AtomicCheckpointIO, Checkpoint, FinalValidation, Throughput
+    from minitx.callbacks import (
+        AtomicCheckpointIO,
+        Checkpoint,
+        FinalValidation,
+        NoProfiler,
+        ProgressBar,
+        TrainingMetrics,
+    )
     from minitx.checkpoint import read_checkpoint
     from minitx.data import LabelledDataModule, TokenDataModule, prepare_data, prepare_labelled
     from minitx.generation import generate
@@ -228,20 +234,20 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
         save_last=True, auto_insert_metric_name=False,
     )
     run_id = resume_meta.get("logger_run_id") if resume_meta else None
-    # redrawing the bar every step costs ~0.5 ms; every log interval is enough to watch it
-    progress_bar = [TQDMProgressBar(refresh_rate=config.trainer.log_every_n_steps)] * config.trainer.enable_progress_bar
+    metrics = TrainingMetrics(config.trainer.log_every_n_steps, config.perf.peak_flops)
+    progress_bar = [ProgressBar(config.trainer.log_every_n_steps, metrics)] * config.trainer.enable_progress_bar
     trainer = L.Trainer(
         **{k: v for k, v in dataclasses.asdict(config.trainer).items()
            if k not in ("gradient_clip_val", "accumulate_grad_batches")},  # the Task's own step applies these
         logger=make_logger(config.logger, config.name, out_dir, run_config, run_id),
-        callbacks=[best, periodic, Throughput(config.trainer.log_every_n_steps, config.perf.peak_flops),
-                   FinalValidation(), *progress_bar, *(callbacks or [])],
+        callbacks=[best, periodic, metrics, FinalValidation(), *progress_bar, *(callbacks or [])],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=out_dir,
         check_val_every_n_epoch=None,  # validate every val_check_interval batches of the endless stream
         # a full evaluation before step 1 gives the initial val/loss; a resumed run has had it
         num_sanity_val_steps=0 if resume else config.data.val_batches,
         enable_model_summary=False,
+        profiler=NoProfiler(),
     )
     if trainer.is_global_zero:
         log.info("data: %s, %s, vocabulary %d", description, sizes, vocab)

@@ -2,12 +2,17 @@
 
 (a) minitx's real path: the composed Hydra config, `minitx.train.train` (Lightning, the token-stream data
     module, logging, throughput callback, progress bar), and (b) a minimal loop written here: the same GPT,
-    the same AdamW + schedule + clipping, the same batches, no Lightning. The two alternate `--rounds` times
-    (ABBA); each reports the median ms/step after `--warmup` steps, and the ratio is taken within each round.
+    the same AdamW + schedule + clipping, the same batches, no Lightning.
+
+The two are interleaved inside one minitx run: after every `--chunk` minitx steps, a callback runs `--chunk` steps
+of the plain loop. This machine's speed drifts by several percent over seconds, which swamps a 2% difference
+between two runs made one after the other; chunks a fraction of a second apart see the same machine. The first
+step after a switch (cold caches) and the minitx step that contains a plain chunk are left out of the timings. The
+ratio is taken per chunk pair; the table gives its median.
 
     python scripts/bench_train.py --data ../shared/data/tinyshakespeare/input.txt            # nanoGPT CPU recipe
     python scripts/bench_train.py --data ... model.n_layer=6 model.n_head=6 model.n_embd=384 model.block_size=256 \\
-        data.batch_size=8 --steps 30 --warmup 5
+        data.batch_size=8 --steps 240 --warmup-chunks 2
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import dataclasses
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -30,36 +37,18 @@ from minitx.tasks import adamw, lr_at
 from minitx.train import CONF_DIR, parse_config, train
 
 
-class StepTimer(L.Callback):
-    """Wall time between consecutive training-batch starts: everything a step costs, data and logging included."""
-
-    def __init__(self) -> None:
-        self.starts: list[float] = []
-
-    def on_train_batch_start(self, *args: object) -> None:
-        self.starts.append(time.perf_counter())
-
-    def step_times(self) -> list[float]:
-        return [b - a for a, b in zip(self.starts, self.starts[1:], strict=False)]
-
-
-def run_minitx(config, steps: int) -> list[float]:
-    timer = StepTimer()
-    with tempfile.TemporaryDirectory() as out:
-        train(config, Path(out), callbacks=[timer])
-    return timer.step_times()[: steps - 1]
-
-
-def run_plain(config, data, steps: int) -> list[float]:
-    """The loop nanoGPT's train.py runs, minus its evaluation: forward, backward, clip, step, schedule."""
+def plain_steps(config: Any, data: Any) -> Iterator[float]:
+    """The loop nanoGPT's train.py runs, minus its evaluation: forward, backward, clip, step, schedule. Yields the
+    wall time of each step."""
     torch.manual_seed(config.seed)
     model_cfg = dataclasses.replace(config.model, vocab_size=data.tokenizer.get_vocab_size())
     model = GPT(model_cfg)
     optimizer = adamw(model, config.optim)
     decay = config.optim.decay_steps or config.trainer.max_steps
     batches = iter(RandomWindows(data.train, model_cfg.block_size, config.data.batch_size, config.seed))
-    times, last = [], time.perf_counter()
-    for step in range(steps):
+    step = 0
+    while True:
+        start = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config.optim, decay)
         x, y = next(batches)
@@ -68,20 +57,39 @@ def run_plain(config, data, steps: int) -> list[float]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.trainer.gradient_clip_val)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss.item()  # what a loop that prints its loss pays; Lightning's progress bar does the same
-        now = time.perf_counter()
-        times.append(now - last)
-        last = now
-    return times[1:]
+        loss.item()  # what a loop that prints its loss pays
+        step += 1
+        yield time.perf_counter() - start
+
+
+class Interleave(L.Callback):
+    """Times minitx's steps (batch start to next batch start: data, hooks and logging included) and, after every
+    `chunk` of them, runs `chunk` plain-loop steps."""
+
+    def __init__(self, plain: Iterator[float], chunk: int):
+        self.plain, self.chunk = plain, chunk
+        self.starts: list[float] = []
+        self.plain_chunks: list[list[float]] = []
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self.starts.append(time.perf_counter())
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if len(self.starts) % self.chunk == 0:
+            self.plain_chunks.append([next(self.plain) for _ in range(self.chunk)][1:])
+
+    def minitx_chunks(self) -> list[list[float]]:
+        steps = [b - a for a, b in zip(self.starts, self.starts[1:], strict=False)]
+        return [steps[i + 1 : i + self.chunk - 1] for i in range(0, len(steps) - self.chunk + 1, self.chunk)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="a text file (tiny Shakespeare for the nanoGPT recipe)")
     parser.add_argument("--experiment", default="shakespeare_char")
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=2000, help="minitx steps (as many plain ones run)")
+    parser.add_argument("--chunk", type=int, default=20, help="steps of one path before switching to the other")
+    parser.add_argument("--warmup-chunks", type=int, default=3, help="chunk pairs left out at the start")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.n_layer=6")
     args = parser.parse_args()
 
@@ -95,13 +103,11 @@ def main() -> None:
     data = prepare_data(config.data, config.tokenizer, config.model.block_size + 1)
     peak = measure_matmul_flops(1024, seconds=1.0)
 
-    results: dict[str, list[float]] = {"minitx": [], "plain": []}
-    for r in range(args.rounds):
-        for name in ("minitx", "plain") if r % 2 == 0 else ("plain", "minitx"):  # ABBA: no order bias
-            times = run_minitx(config, args.steps) if name == "minitx" else run_plain(config, data, args.steps)
-            median = statistics.median(times[args.warmup :])
-            results[name].append(median)
-            print(f"round {r + 1} {name:>6}: {median * 1e3:7.2f} ms/step", flush=True)
+    interleave = Interleave(plain_steps(config, data), args.chunk)
+    with tempfile.TemporaryDirectory() as out:
+        train(config, Path(out), callbacks=[interleave])
+    pairs = list(zip(interleave.minitx_chunks(), interleave.plain_chunks, strict=False))[args.warmup_chunks :]
+    results = {"minitx": [statistics.median(m) for m, _ in pairs], "plain": [statistics.median(p) for _, p in pairs]}
 
     model = GPT(dataclasses.replace(config.model, vocab_size=data.tokenizer.get_vocab_size()))
     tokens = config.data.batch_size * config.model.block_size
@@ -110,16 +116,20 @@ def main() -> None:
           f"{config.model.n_embd} embd, "
           f"block {config.model.block_size}, batch {config.data.batch_size}; torch threads {torch.get_num_threads()}; "
           f"fp32 matmul peak measured now: {peak / 1e9:.0f} GFLOP/s")
-    print(f"{'path':<8} {'ms/step (median of rounds)':>27} {'spread':>14} {'tokens/s':>10} {'GFLOP/s':>8} {'MFU':>6}")
+    print(f"{len(pairs)} chunk pairs of {args.chunk} steps each (first {args.warmup_chunks} left out)")
+    print(f"{'path':<8} {'ms/step (median of chunks)':>27} {'quartiles':>14} {'tokens/s':>10} {'GFLOP/s':>8} "
+          f"{'MFU':>6}")
     for name, medians in results.items():
         ms = statistics.median(medians)
+        q1, _, q3 = statistics.quantiles(medians, n=4)
         per_sec = tokens / ms
-        print(f"{name:<8} {ms * 1e3:27.2f} {min(medians) * 1e3:6.2f}-{max(medians) * 1e3:6.2f} {per_sec:10.0f} "
+        print(f"{name:<8} {ms * 1e3:27.2f} {q1 * 1e3:6.2f}-{q3 * 1e3:6.2f} {per_sec:10.0f} "
               f"{per_sec * fpt / 1e9:8.1f} {per_sec * fpt / peak:6.1%}")
-    # each round runs both paths back to back: their ratio cancels the machine's drift between rounds
     ratios = [p / m for p, m in zip(results["plain"], results["minitx"], strict=True)]
-    print(f"\nthroughput minitx / plain loop: {statistics.median(ratios):.3f} (median of the {len(ratios)} "
-          f"rounds' ratios; range {min(ratios):.3f}-{max(ratios):.3f}; 1.0 = the framework costs nothing)")
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    print(f"\nthroughput minitx / plain loop: {statistics.median(ratios):.3f} "
+          f"(median of the {len(ratios)} chunk pairs' "
+          f"ratios; quartiles {q1:.3f}-{q3:.3f}; 1.0 = the framework costs nothing)")
 
 
 if __name__ == "__main__":

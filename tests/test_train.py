@@ -49,7 +49,7 @@ def test_loss_falls_and_checkpoints_are_written(trained: Path) -> None:
         rows = [r for r in csv.DictReader(f) if r["val/loss"]]
     steps = [int(r["step"]) for r in rows]
     losses = [float(r["val/loss"]) for r in rows]
-    assert steps[0] == 0 and steps[-1] == 149  # initial evaluation ... final step (150 is not a multiple of 60)
+    assert steps[0] == 0 and steps[-1] == 150  # initial evaluation ... after the last step (not a multiple of 60)
     assert losses[-1] < 0.5 * losses[0], losses
     assert (trained / "checkpoints" / "best.ckpt").is_file()
     assert (trained / "checkpoints" / "last.ckpt").is_file()
