@@ -7,7 +7,9 @@ import io
 import os
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -53,6 +55,53 @@ def test_loss_falls_and_checkpoints_are_written(trained: Path) -> None:
     assert losses[-1] < 0.5 * losses[0], losses
     assert (trained / "checkpoints" / "best.ckpt").is_file()
     assert (trained / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_training_metrics_are_logged_at_optimizer_steps(trained: Path) -> None:
+    from minitx.tasks import lr_at
+
+    with open(trained / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["train/loss"]]
+    assert [int(r["step"]) for r in rows] == list(range(10, 151, 10))  # every log_every_n_steps=10, to the end
+    optim = parse_config(compose_config(*TINY)).optim
+    for r in rows:  # the rate step s ran with (s counts steps done)
+        assert float(r["lr"]) == pytest.approx(lr_at(int(r["step"]) - 1, optim, 150))
+        assert float(r["tokens_per_sec"]) > 0 and 0 < float(r["mfu"]) < 1
+    assert float(rows[-1]["train/loss"]) < 0.6 * float(rows[0]["train/loss"])
+
+
+def test_training_reads_no_tensor_back_between_log_intervals(trained: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning's self.log(prog_bar=True) calls .item() on every logged value after every later batch: on a GPU a
+    host sync per step. minitx reads the loss back once per log interval."""
+    import lightning as L
+
+    reads: list[int] = []
+    counting = {"on": False}
+    item, to_float = torch.Tensor.item, torch.Tensor.__float__
+
+    def counted(original: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], Any]:
+        def read(self: torch.Tensor) -> Any:
+            if counting["on"]:
+                reads.append(1)
+            return original(self)
+        return read
+
+    monkeypatch.setattr(torch.Tensor, "item", counted(item))
+    monkeypatch.setattr(torch.Tensor, "__float__", counted(to_float))
+
+    class Window(L.Callback):  # counts from the 2nd batch's start to the last batch's end (before the final eval)
+        def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: object, i: int) -> None:
+            counting["on"] = counting["on"] or i == 1
+
+        def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, out: object, batch: object,
+                               i: int) -> None:
+            counting["on"] = counting["on"] and i + 1 < trainer.max_steps
+
+    overrides = [*TINY, f"data.path={trained / 'corpus.txt'}", "trainer.max_steps=60", "logger=csv",
+                 "trainer.val_check_interval=1000", "trainer.enable_progress_bar=true", "sample.max_new_tokens=0"]
+    train(parse_config(compose_config(*overrides)), tmp_path, callbacks=[Window()])
+    assert 0 < len(reads) <= 60 // 10, len(reads)
 
 
 def test_checkpoint_is_self_contained(trained: Path) -> None:
