@@ -162,7 +162,7 @@ class Task(L.LightningModule):
         self._val_metrics.clear()
         means |= self.derived_metrics(means)
         metrics = {f"val/{k}": self.trainer.strategy.reduce(v, reduce_op="mean") for k, v in means.items()}
-        self.log_dict(metrics, logger=False)  # for the checkpoint callbacks (val/loss)
+        self.log_dict(metrics, logger=False, sync_dist=True)  # for the checkpoint callbacks (already averaged)
         step = 0 if self.trainer.sanity_checking else self.trainer.global_step  # the sanity pass: the step-0 eval
         numbers = {k: float(v) for k, v in metrics.items()}
         for logger in self.loggers:  # at the optimizer step, as TrainingMetrics logs (rank 0 writes)
