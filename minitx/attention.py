@@ -25,7 +25,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 class AttentionMask:
     """Which keys each query may see, in a form every kernel understands.
 
-    Positions are those of the keys; the T_q queries are the last T_q of them (decoding with a KV cache).
+    Positions are those of the keys; the T_q queries are the last T_q of them (decoding with a KV cache), or
+    at `query_positions` (a static cache: the keys are the whole buffer, written up to those positions).
     A query always sees itself, so no row is empty (a padded query's output is meaningless but finite).
     """
 
@@ -33,11 +34,13 @@ class AttentionMask:
     key_padding: Tensor | None = None  # (B, T_k) bool, True for real tokens
     doc_ids: Tensor | None = None  # (B, T_k) int: attend only within the same document (packed sequences)
     window: int = 0  # sliding window: a query sees the `window` most recent positions, itself included (0 = all)
+    query_positions: Tensor | None = None  # (T_q,) long; None: the last T_q key positions
 
     @property
     def is_plain(self) -> bool:
         """Only causal or nothing: the case fused kernels take without an explicit mask."""
-        return self.key_padding is None and self.doc_ids is None and self.window == 0
+        return (self.key_padding is None and self.doc_ids is None and self.window == 0
+                and self.query_positions is None)
 
     def allows(self, q_pos: Tensor, k_pos: Tensor, b: Tensor | int = 0) -> Tensor:
         """Whether query position q_pos may see key position k_pos (broadcasting; b indexes the batch)."""
@@ -55,7 +58,8 @@ class AttentionMask:
 
     def dense(self, t_q: int, t_k: int, device: torch.device) -> Tensor:
         """(B or 1, 1, T_q, T_k) booleans, True where attention is allowed."""
-        q_pos = torch.arange(t_k - t_q, t_k, device=device)[:, None]
+        q_pos = (torch.arange(t_k - t_q, t_k, device=device) if self.query_positions is None
+                 else self.query_positions)[:, None]
         k_pos = torch.arange(t_k, device=device)[None, :]
         if self.doc_ids is None and self.key_padding is None:
             return self.allows(q_pos, k_pos)[None, None]
@@ -149,6 +153,8 @@ def flex_attention_kernel(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, 
     No dropout on attention weights; on CPU (torch 2.13) forward only."""
     from torch.nn.attention.flex_attention import flex_attention
 
+    if mask.query_positions is not None:
+        raise ValueError("the flex kernel takes queries at the end of the keys only (no static-cache decoding)")
     block_mask = flex_block_mask(mask, q.size(0), q.size(-2), k.size(-2), q.device)
     # a decoding step (one query) is cheap unfused, and its growing key length would recompile at every token
     fn = _compiled_flex() if FLEX_COMPILE and q.size(-2) > 1 else flex_attention
@@ -162,7 +168,7 @@ def flash_attention_kernel(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask,
     """The flash-attn package (CUDA, fp16/bf16). Causal and sliding windows; no padding or document masks here."""
     from flash_attn import flash_attn_func
 
-    if not (mask.key_padding is None and mask.doc_ids is None):
+    if not (mask.key_padding is None and mask.doc_ids is None and mask.query_positions is None):
         raise ValueError("the flash kernel takes causal and window masks only")
     window = (mask.window - 1, 0 if mask.causal else mask.window - 1) if mask.window else (-1, -1)
     # flash-attn wants (B, T, H, D); with T_q < T_k its causal mask is aligned bottom-right, as a KV cache needs
@@ -235,6 +241,13 @@ class KVCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def write(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store keys and values at `positions` (the caller keeps count, on the device) and return the whole
+        buffers: shapes that never change, which a compiled decoding step needs."""
+        self.k.index_copy_(2, positions, k)
+        self.v.index_copy_(2, positions, v)
+        return self.k, self.v
+
 
 class MultiHeadSelfAttention(nn.Module):
     """Q, K, V from one fused projection, split into heads, attend, merge heads, project out."""
@@ -259,8 +272,8 @@ class MultiHeadSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if rope is not None:  # rotary positions: keys are cached already rotated
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        if cache is not None:
-            k, v = cache.append(k, v)  # (B, H, T_cached + T, D)
+        if cache is not None:  # (B, H, T_cached + T, D), or the whole buffer
+            k, v = cache.append(k, v) if mask.query_positions is None else cache.write(mask.query_positions, k, v)
         kernel = KERNELS[self.attention]
         backend = (sdpa_kernel(SDPA_BACKENDS[self.sdpa_backend])
                    if self.attention == "sdpa" and self.sdpa_backend != "auto" else contextlib.nullcontext())

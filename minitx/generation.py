@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from minitx.attention import KVCache
 from minitx.config import ConfigError
 from minitx.model import GPT, Encoder
 from minitx.tokenizer import CLS, MASK
@@ -33,16 +34,44 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
 
 
-@torch.inference_mode()
+STATIC_KERNELS = ("sdpa", "naive")  # the kernels that take a mask at explicit query positions
+
+
+class CompiledDecoding:
+    """The one-token step of cached decoding, compiled once (torch.compile): its position is a tensor on the device
+    and the caches are written in place and attended whole, masked past that position, so every step has the same
+    shapes and nothing recompiles. Prefills (the prompt, a cache refill) run eagerly into the same caches."""
+
+    def __init__(self, model: GPT):
+        self.model = model
+        self.position = torch.zeros(1, dtype=torch.long, device=next(model.parameters()).device)
+        self.step = torch.compile(model.next_token_logits, dynamic=False)
+
+    def __call__(self, feed: Tensor, caches: list[KVCache], start: int) -> Tensor:
+        if feed.size(1) > 1:
+            return self.model.next_token_logits(feed, caches, torch.arange(start, start + feed.size(1),
+                                                                           device=feed.device))
+        self.position.fill_(start)
+        return self.step(feed, caches, self.position)
+
+
 def generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float = 1.0, generator: torch.Generator | None = None,
-             use_cache: bool = True) -> Iterator[int]:
-    """Yield new token ids one at a time.
+             use_cache: bool = True, compiled: CompiledDecoding | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time; `compiled` decodes each token with that compiled step.
 
     Past `block_size` the context is cropped: without a cache to the last `block_size` tokens each step
     (as nanoGPT does); with the cache, once it is full it is refilled from the last 3/4 of a block, so the
     per-token cost stays one position except for one prefill every block_size/4 tokens.
     """
+    # no_grad rather than inference_mode: tensors made under inference_mode cannot enter a compiled graph later
+    with torch.no_grad():
+        yield from _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, generator, use_cache, compiled)
+
+
+def _generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
+              top_p: float, generator: torch.Generator | None, use_cache: bool,
+              compiled: CompiledDecoding | None) -> Iterator[int]:
     block = model.config.block_size
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -58,16 +87,19 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: fl
     caches = model.new_caches(1, device, dtype)
     feed = tokens[:, -block:]  # what goes through the model this step; the cache holds the rest
     context = tokens[:, -block:]  # everything the cache will hold, kept to refill it
+    held = 0  # positions the caches hold
     for _ in range(max_new_tokens):
-        logits = model.next_token_logits(feed, caches)
+        logits = model.next_token_logits(feed, caches) if compiled is None else compiled(feed, caches, held)
+        held += feed.size(1)
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         yield int(nxt)
         context = torch.cat([context[:, -(block - 1):], nxt], dim=1)
-        if caches[0].length < block:
+        if held < block:
             feed = nxt
         else:  # full: start over from the most recent tokens
             for cache in caches:
                 cache.length = 0
+            held = 0
             feed = context[:, -keep:]
 
 

@@ -78,20 +78,25 @@ class Transformer(nn.Module):
         self.ln_f = make_norm(config)
 
     def forward(self, idx: Tensor, caches: list[KVCache] | None = None, key_padding: Tensor | None = None,
-                doc_ids: Tensor | None = None) -> Tensor:
-        """key_padding (B, T): True for real tokens; doc_ids (B, T): attend within documents only."""
+                doc_ids: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+        """key_padding (B, T): True for real tokens; doc_ids (B, T): attend within documents only; positions (T,):
+        where idx goes in the caches, kept by the caller (a compiled decoding step); default: after what they hold."""
         T = idx.size(1)
-        start = caches[0].length if caches else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds model.block_size={self.config.block_size}")
+        if positions is None:
+            start = caches[0].length if caches else 0
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens exceeds model.block_size={self.config.block_size}")
+            at = torch.arange(start, start + T, device=idx.device)
+        else:
+            at = positions
         x = self.tok_emb(idx)  # (B, T, C)
         rope = None
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+            x = x + self.pos_emb(at)
         else:
-            rope = self.rope[start : start + T]
+            rope = self.rope[at]
         x = self.drop(x)
-        mask = AttentionMask(self.causal, key_padding, doc_ids, self.config.attention_window)
+        mask = AttentionMask(self.causal, key_padding, doc_ids, self.config.attention_window, positions)
         for i, block in enumerate(self.blocks):
             x = block(x, mask, caches[i] if caches else None, rope)
         return self.ln_f(x)
@@ -142,9 +147,10 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-    def next_token_logits(self, idx: Tensor, caches: list[KVCache] | None = None) -> Tensor:
+    def next_token_logits(self, idx: Tensor, caches: list[KVCache] | None = None,
+                          positions: Tensor | None = None) -> Tensor:
         """Logits (B, V) for the position after `idx`; only the last position goes through the LM head."""
-        return self.lm_head(self.transformer(idx, caches)[:, -1])
+        return self.lm_head(self.transformer(idx, caches, positions=positions)[:, -1])
 
     def new_caches(self, batch: int, device: torch.device, dtype: torch.dtype) -> list[KVCache]:
         c = self.config

@@ -31,6 +31,7 @@ class SampleConfig:
     device: str
     attention: str | None
     use_cache: bool
+    compile: bool
     candidates: int
 
     def validate(self) -> SampleConfig:
@@ -50,6 +51,8 @@ class SampleConfig:
             fail("attention", self.attention, f"unknown kernel; choose one of {sorted(KERNELS)}")
         if self.device not in ("auto", "cpu", "cuda"):
             fail("device", self.device, "choose auto, cpu or cuda")
+        if self.compile and not self.use_cache:
+            fail("compile", self.compile, "compiles the cached decoding step: needs use_cache=true")
         return self
 
 
@@ -89,7 +92,7 @@ def sample(cfg: SampleConfig, out: TextIO = sys.stdout) -> None:
 
     from minitx.attention import kernel_unavailable
     from minitx.checkpoint import load
-    from minitx.generation import classify, fill_mask, generate
+    from minitx.generation import STATIC_KERNELS, CompiledDecoding, classify, fill_mask, generate
     from minitx.tokenizer import EOT, MASK, stream_decode, unknown_chars
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -115,12 +118,19 @@ def sample(cfg: SampleConfig, out: TextIO = sys.stdout) -> None:
         return
     prompt = tokenizer.encode(cfg.prompt, add_special_tokens=False).ids or [tokenizer.token_to_id(EOT)]
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    compiled = None
+    if cfg.compile:
+        kernel = loaded.model.transformer.blocks[0].attn.attention
+        if kernel not in STATIC_KERNELS:
+            fail("compile", cfg.compile, f"the compiled step attends with {' or '.join(STATIC_KERNELS)}, not "
+                 f"{kernel!r}: add attention=sdpa")
+        compiled = CompiledDecoding(loaded.model)
     for i in range(cfg.num_samples):
         if cfg.num_samples > 1:
             print(f"--- sample {i + 1} ---", file=out)
         print(cfg.prompt, end="", file=out, flush=True)
         ids = generate(loaded.model, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p,
-                       generator, use_cache=cfg.use_cache)
+                       generator, use_cache=cfg.use_cache, compiled=compiled)
         for piece in stream_decode(tokenizer, ids):
             print(piece, end="", file=out, flush=True)
         print(file=out, flush=True)

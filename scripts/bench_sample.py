@@ -1,5 +1,6 @@
-"""Sampling speed: tokens/s with and without the KV cache, and Hugging Face transformers' `generate()` with its
-own cache on a GPT-2 of the same shape when `transformers` is installed, measured side by side in one run.
+"""Sampling speed: tokens/s with and without the KV cache, with the compiled decoding step, and Hugging Face
+transformers' `generate()` with its own cache on a GPT-2 of the same shape when `transformers` is installed (at
+the length GPT-2's position table allows, minitx's runs repeated at that length), measured side by side in one run.
 
     python scripts/bench_sample.py                                   # nanoGPT's default shape: 6 x 384, block 256
     python scripts/bench_sample.py --layers 4 --embd 128 --heads 4 --block 64 --new 500
@@ -14,7 +15,7 @@ import time
 import torch
 
 from minitx.config import ModelConfig
-from minitx.generation import generate
+from minitx.generation import CompiledDecoding, generate
 from minitx.model import GPT
 
 
@@ -45,20 +46,26 @@ def main() -> None:
     model = GPT(config).eval()
     prompt = [1]
     rows = []
-    for use_cache in (True, False):
-        def run(use_cache: bool = use_cache) -> None:
+    hf_new = min(args.new, args.block - 1)  # GPT-2 cannot go past its position table
+    t0 = time.perf_counter()
+    compiled = CompiledDecoding(model)
+    for _ in generate(model, prompt, 2, compiled=compiled):  # compiles it
+        pass
+    compile_s = time.perf_counter() - t0
+    runs = [("KV cache on", True, None), ("KV cache off", False, None), ("KV cache on, compiled step", True, compiled)]
+    for (label, use_cache, step), new in [(r, args.new) for r in runs] + [(r, hf_new) for r in runs[::2]]:
+        def run(use_cache: bool = use_cache, new: int = new, step: CompiledDecoding | None = step) -> None:
             g = torch.Generator().manual_seed(0)
-            for _ in generate(model, prompt, args.new, temperature=1.0, top_k=200, generator=g, use_cache=use_cache):
+            for _ in generate(model, prompt, new, temperature=1.0, top_k=200, generator=g, use_cache=use_cache,
+                              compiled=step):
                 pass
 
-        rows.append((f"minitx, KV cache {'on' if use_cache else 'off'}", args.new, tokens_per_sec(run, args.new,
-                                                                                                  args.repeats)))
+        rows.append((f"minitx, {label}", new, tokens_per_sec(run, new, args.repeats)))
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
 
         hf = GPT2LMHeadModel(GPT2Config(vocab_size=args.vocab, n_positions=args.block, n_embd=args.embd,
                                         n_layer=args.layers, n_head=args.heads)).eval()
-        hf_new = min(args.new, args.block - 1)  # GPT-2 cannot go past its position table
         ids = torch.tensor([prompt])
 
         def run_hf() -> None:
@@ -75,9 +82,11 @@ def main() -> None:
     print(f"{'path':<40} {'new tokens':>10} {'tokens/s':>10}")
     for name, new, rate in rows:
         print(f"{name:<40} {new:>10} {rate:10.1f}")
-    print(f"\nKV cache speed-up: {rows[0][2] / rows[1][2]:.1f}x")
-    if len(rows) > 2:
-        print(f"minitx (cache) vs transformers generate(): {rows[0][2] / rows[2][2]:.1f}x")
+    print(f"\nKV cache speed-up: {rows[0][2] / rows[1][2]:.1f}x; the compiled step: {rows[2][2] / rows[0][2]:.2f}x "
+          f"over the eager cached one, after {compile_s:.1f} s of compiling")
+    if rows[-1][0].startswith("transformers"):  # against minitx's cached runs of the same length
+        for name, _, rate in rows[3:5]:
+            print(f"{name} vs transformers generate(), {hf_new} new tokens each: {rate / rows[-1][2]:.1f}x")
 
 
 if __name__ == "__main__":

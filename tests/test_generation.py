@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minitx.config import ModelConfig
-from minitx.generation import generate, sample_next
+from minitx.generation import CompiledDecoding, generate, sample_next
 from minitx.model import GPT
 
 
@@ -31,6 +31,22 @@ def test_kv_cache_greedy_equals_full_recomputation(small_config: ModelConfig, va
     full = list(generate(model, prompt, n, temperature=0, use_cache=False))
     assert cached == full
     assert len(set(cached)) >= 3  # not a degenerate constant sequence
+
+
+@pytest.mark.parametrize("variant", [{}, {"pos_emb": "rope", "norm": "rmsnorm"}], ids=["gpt2", "rope-rmsnorm"])
+def test_compiled_decoding_equals_eager_and_compiles_once(small_config: ModelConfig, variant: dict) -> None:
+    """The compiled step attends over the whole static cache, masked past its position: the same tokens as the
+    eager cached path, through two cache refills, from one compiled graph."""
+    from torch._dynamo.utils import counters
+
+    model = trained_ish(dataclasses.replace(small_config, **variant))
+    n = 2 * small_config.block_size + 5
+    eager = list(generate(model, [1, 2, 3], n, temperature=0))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = list(generate(model, [1, 2, 3], n, temperature=0, compiled=CompiledDecoding(model)))
+    assert compiled == eager
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_generation_continues_past_block_size(small_config: ModelConfig) -> None:

@@ -141,6 +141,10 @@ def test_sample_edge_inputs(trained: Path) -> None:
     # the same greedy text with every kernel that samples here (flex: compiled, forward only)
     for kernel in ("naive", "flex"):
         assert sample_text(ckpt, "prompt=the ", "temperature=0", "max_new_tokens=20", f"attention={kernel}") == greedy
+    # and with the compiled decoding step, which refuses kernels that cannot attend from a static cache
+    assert sample_text(ckpt, "prompt=the ", "temperature=0", "max_new_tokens=20", "compile=true") == greedy
+    with pytest.raises(ConfigError, match="compile=True: the compiled step attends with sdpa or naive, not 'flex'"):
+        sample_text(ckpt, "compile=true", "attention=flex")
 
 
 @pytest.mark.parametrize(
@@ -154,6 +158,7 @@ def test_sample_edge_inputs(trained: Path) -> None:
         (["ckpt=x", "max_new_tokens=-1"], "error: max_new_tokens=-1: must be >= 0"),
         (["ckpt=x", "top_k=-1"], "error: top_k=-1: must be >= 0"),
         (["ckpt=x", "attention=nope"], "error: attention='nope': unknown kernel"),
+        (["ckpt=x", "compile=true", "use_cache=false"], "error: compile=True: compiles the cached decoding step"),
     ],
 )
 def test_sample_bad_inputs(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
