@@ -38,12 +38,13 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=65)
     parser.add_argument("--new", type=int, default=500, help="new tokens per sample")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=args.vocab, block_size=args.block, n_layer=args.layers, n_head=args.heads,
                          n_embd=args.embd).validate()
-    model = GPT(config).eval()
+    model = GPT(config).to(args.device).eval()
     prompt = [1]
     rows = []
     hf_new = min(args.new, args.block - 1)  # GPT-2 cannot go past its position table
@@ -55,7 +56,7 @@ def main() -> None:
     runs = [("KV cache on", True, None), ("KV cache off", False, None), ("KV cache on, compiled step", True, compiled)]
     for (label, use_cache, step), new in [(r, args.new) for r in runs] + [(r, hf_new) for r in runs[::2]]:
         def run(use_cache: bool = use_cache, new: int = new, step: CompiledDecoding | None = step) -> None:
-            g = torch.Generator().manual_seed(0)
+            g = torch.Generator(args.device).manual_seed(0)
             for _ in generate(model, prompt, new, temperature=1.0, top_k=200, generator=g, use_cache=use_cache,
                               compiled=step):
                 pass
@@ -66,7 +67,7 @@ def main() -> None:
 
         hf = GPT2LMHeadModel(GPT2Config(vocab_size=args.vocab, n_positions=args.block, n_embd=args.embd,
                                         n_layer=args.layers, n_head=args.heads)).eval()
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=args.device)
 
         def run_hf() -> None:
             with torch.inference_mode():

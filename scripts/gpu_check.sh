@@ -4,6 +4,7 @@
 #   2. the attention benchmark in bf16 (flash or sdpa vs naive, and vs the flash-attn package when installed)
 #   3. bf16-mixed training of a GPT-2-small-shaped model (12 x 768, block 1024) with sdpa and torch.compile:
 #      tokens/s and MFU against the GPU's bf16 peak
+#   4. sampling speed on the GPU: KV cache on/off and the compiled decoding step
 # The device image has torch, lightning, tokenizers and pytest but no network; hydra-core, omegaconf, datasets and
 # wandb come from wheels downloaded beforehand on a machine with a registry:
 #   pip download -d .gpu-wheels hydra-core datasets wandb      (then run with carry=[".gpu-wheels"])
@@ -34,3 +35,6 @@ rows = [r for r in csv.DictReader(open(f"{sys.argv[1]}/csv/metrics.csv")) if r.g
 for r in rows[-4:]:
     print(f"step {r['step']}: {float(r['tokens_per_sec']):,.0f} tokens/s, mfu {float(r['mfu']):.1%}")
 PY
+
+echo "== 4. sampling: KV cache on/off, the compiled decoding step (nanoGPT's default shape)"
+timeout 240 python3 scripts/bench_sample.py --device cuda --repeats 2 2>&1 | tail -10
