@@ -64,8 +64,8 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: fl
     (as nanoGPT does); with the cache, once it is full it is refilled from the last 3/4 of a block, so the
     per-token cost stays one position except for one prefill every block_size/4 tokens.
     """
-    # no_grad rather than inference_mode: tensors made under inference_mode cannot enter a compiled graph later
-    with torch.no_grad():
+    # a compiled step cannot take tensors made under inference_mode (the caches): no_grad there
+    with torch.inference_mode() if compiled is None else torch.no_grad():
         yield from _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, generator, use_cache, compiled)
 
 
