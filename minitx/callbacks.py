@@ -17,9 +17,9 @@ from lightning.pytorch.profilers import PassThroughProfiler
 
 
 class TrainingMetrics(L.Callback):
-    """Every `every` training batches: `train/loss` (that batch's), `lr`, `tokens_per_sec` (all ranks together) and
-    `mfu` (model FLOP/s over the device's peak; `peak` None measures or looks it up at the start, 0 turns it off),
-    written to the loggers at the optimizer step and shown by ProgressBar.
+    """Every `every` optimizer steps: `train/loss` (the last batch's), `lr`, `tokens_per_sec` (all ranks together)
+    and `mfu` (model FLOP/s over the device's peak; `peak` None measures or looks it up at the start, 0 turns it
+    off), written to the loggers at that step and shown by ProgressBar.
 
     Not through `self.log`: once a value has been logged in training, Lightning re-reads it after every later
     batch and calls .item() on the progress-bar ones, a host sync on every step of a GPU run (and ~50 us a step
@@ -32,6 +32,7 @@ class TrainingMetrics(L.Callback):
         self.latest: dict[str, float] = {}
         self._t0: float | None = None
         self._tokens = 0
+        self._logged_step = -1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from minitx.perf import flops_per_token, peak_flops
@@ -47,8 +48,10 @@ class TrainingMetrics(L.Callback):
         if self._t0 is None:  # the first batch pays for warm-up; start the clock after it
             self._t0, self._tokens = time.perf_counter(), 0
             return
-        if (batch_idx + 1) % self.every:
+        step = trainer.global_step  # with gradient accumulation, it moves on a window's last batch only
+        if step % self.every or step == self._logged_step:
             return
+        self._logged_step = step
         now = time.perf_counter()
         per_sec = self._tokens * trainer.world_size / (now - self._t0)
         metrics = {"train/loss": float(outputs["loss"]), "lr": trainer.optimizers[0].param_groups[0]["lr"],
@@ -56,9 +59,16 @@ class TrainingMetrics(L.Callback):
         if self.peak:
             metrics["mfu"] = per_sec * self.flops_per_token / (self.peak * trainer.world_size)
         self.latest = metrics
-        for logger in trainer.loggers:  # Lightning's loggers write from rank 0 only
-            logger.log_metrics(metrics, step=trainer.global_step)
+        write(trainer.loggers, metrics, step)
         self._t0, self._tokens = now, 0
+
+
+def write(loggers: list[Any], metrics: dict[str, float], step: int) -> None:
+    """Metrics to every logger, flushed (a CSV logger otherwise writes every 100 steps: a killed run would lose
+    them). Lightning's loggers write from rank 0 only."""
+    for logger in loggers:
+        logger.log_metrics(metrics, step=step)
+        logger.save()
 
 
 class ProgressBar(TQDMProgressBar):

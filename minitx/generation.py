@@ -64,9 +64,10 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: fl
     (as nanoGPT does); with the cache, once it is full it is refilled from the last 3/4 of a block, so the
     per-token cost stays one position except for one prefill every block_size/4 tokens.
     """
-    # a compiled step cannot take tensors made under inference_mode (the caches): no_grad there
-    with torch.inference_mode() if compiled is None else torch.no_grad():
-        yield from _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, generator, use_cache, compiled)
+    # a compiled step cannot take tensors made under inference_mode (the caches): no_grad there. As a decorator, the
+    # mode is on only while the generator runs, not in the caller's code between tokens.
+    mode = torch.inference_mode() if compiled is None else torch.no_grad()
+    return mode(_generate)(model, prompt, max_new_tokens, temperature, top_k, top_p, generator, use_cache, compiled)
 
 
 def _generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float, top_k: int | None,

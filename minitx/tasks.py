@@ -14,6 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from minitx.callbacks import write
 from minitx.config import GuardConfig, MinitxError, ModelConfig, OptimConfig, TrainerConfig
 from minitx.model import GPT, Encoder
 
@@ -121,7 +122,7 @@ class Task(L.LightningModule):
                 group["lr"] = lr
             optimizer.step()  # type: ignore[union-attr]
             optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
-        return loss  # the TrainingMetrics callback logs it (and lr) every trainer.log_every_n_steps batches
+        return loss  # the TrainingMetrics callback logs it (and lr) every trainer.log_every_n_steps steps
 
     def on_validation_model_zero_grad(self) -> None:
         """Lightning empties the gradients before an evaluation; inside an accumulation window they are still
@@ -165,8 +166,7 @@ class Task(L.LightningModule):
         self.log_dict(metrics, logger=False, sync_dist=True)  # for the checkpoint callbacks (already averaged)
         step = 0 if self.trainer.sanity_checking else self.trainer.global_step  # the sanity pass: the step-0 eval
         numbers = {k: float(v) for k, v in metrics.items()}
-        for logger in self.loggers:  # at the optimizer step, as TrainingMetrics logs (rank 0 writes)
-            logger.log_metrics(numbers, step=step)
+        write(self.loggers, numbers, step)  # at the optimizer step, as TrainingMetrics does
         if self.trainer.is_global_zero:
             log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in numbers.items() if k != "val/ppl"))
         if self.trainer.sanity_checking:

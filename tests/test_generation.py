@@ -49,6 +49,17 @@ def test_compiled_decoding_equals_eager_and_compiles_once(small_config: ModelCon
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_generate_leaves_the_callers_grad_mode_alone(small_config: ModelConfig) -> None:
+    """Between tokens the caller's own code runs: no inference or no-grad mode may leak into it."""
+    model = trained_ish(small_config)
+    for compiled in (None, CompiledDecoding(model)):
+        tokens = generate(model, [1, 2], 4, temperature=0, compiled=compiled)
+        next(tokens)
+        assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        tokens.close()
+        assert torch.is_grad_enabled()
+
+
 def test_generation_continues_past_block_size(small_config: ModelConfig) -> None:
     model = trained_ish(small_config)
     g = torch.Generator().manual_seed(0)

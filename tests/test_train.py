@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
 import re
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,21 @@ def test_training_metrics_are_logged_at_optimizer_steps(trained: Path) -> None:
     assert float(rows[-1]["train/loss"]) < 0.6 * float(rows[0]["train/loss"])
 
 
+def test_training_metrics_count_optimizer_steps_when_accumulating(trained: Path, tmp_path: Path) -> None:
+    from minitx.tasks import lr_at
+
+    overrides = [*TINY, f"data.path={trained / 'corpus.txt'}", "trainer.max_steps=20", "trainer.log_every_n_steps=5",
+                 "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=1000", "optim.warmup_steps=4",
+                 "sample.max_new_tokens=0", "logger=csv"]
+    config = parse_config(compose_config(*overrides))
+    train(config, tmp_path)
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["train/loss"]]
+    assert [int(r["step"]) for r in rows] == [5, 10, 15, 20]
+    for r in rows:
+        assert float(r["lr"]) == pytest.approx(lr_at(int(r["step"]) - 1, config.optim, 20))
+
+
 def test_training_reads_no_tensor_back_between_log_intervals(trained: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Lightning's self.log(prog_bar=True) calls .item() on every logged value after every later batch: on a GPU a
@@ -87,8 +103,16 @@ def test_training_reads_no_tensor_back_between_log_intervals(trained: Path, tmp_
             return original(self)
         return read
 
+    @contextlib.contextmanager
+    def counted_off() -> Iterator[None]:
+        on, counting["on"] = counting["on"], False
+        yield
+        counting["on"] = on
+
     monkeypatch.setattr(torch.Tensor, "item", counted(item))
     monkeypatch.setattr(torch.Tensor, "__float__", counted(to_float))
+
+    rows_during_training: list[int] = []
 
     class Window(L.Callback):  # counts from the 2nd batch's start to the last batch's end (before the final eval)
         def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: object, i: int) -> None:
@@ -97,11 +121,15 @@ def test_training_reads_no_tensor_back_between_log_intervals(trained: Path, tmp_
         def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, out: object, batch: object,
                                i: int) -> None:
             counting["on"] = counting["on"] and i + 1 < trainer.max_steps
+            if i == 45:  # a run killed now keeps what it logged: the CSV is flushed at every write
+                with counted_off(), open(tmp_path / "csv" / "metrics.csv") as f:
+                    rows_during_training.append(sum(1 for r in csv.DictReader(f) if r["train/loss"]))
 
     overrides = [*TINY, f"data.path={trained / 'corpus.txt'}", "trainer.max_steps=60", "logger=csv",
                  "trainer.val_check_interval=1000", "trainer.enable_progress_bar=true", "sample.max_new_tokens=0"]
     train(parse_config(compose_config(*overrides)), tmp_path, callbacks=[Window()])
     assert 0 < len(reads) <= 60 // 10, len(reads)
+    assert rows_during_training == [4]
 
 
 def test_checkpoint_is_self_contained(trained: Path) -> None:
