@@ -118,7 +118,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
-
 class NoProfiler(PassThroughProfiler):
     """Lightning's default profiler, minus its cost: Lightning wraps each of the ~80 hook calls of a step in
     `profiler.profile(...)`, a generator-based context manager; this one hands back one reusable no-op context."""
