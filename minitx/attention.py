@@ -144,23 +144,31 @@ def _compiled_flex() -> Callable:
     return torch.compile(flex_attention, dynamic=False)
 
 
-FLEX_COMPILE = True  # tests switch it off to check the eager path too
-
-
-@register_kernel("flex")
-def flex_attention_kernel(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout_p: float) -> Tensor:
-    """torch's flex_attention with a block mask: fused and sparse over masked blocks once compiled.
-    No dropout on attention weights; on CPU (torch 2.13) forward only."""
+def _flex(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, compiled: bool) -> Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
     if mask.query_positions is not None:
         raise ValueError("the flex kernel takes queries at the end of the keys only (no static-cache decoding)")
     block_mask = flex_block_mask(mask, q.size(0), q.size(-2), k.size(-2), q.device)
-    # a decoding step (one query) is cheap unfused, and its growing key length would recompile at every token
-    fn = _compiled_flex() if FLEX_COMPILE and q.size(-2) > 1 else flex_attention
+    fn = _compiled_flex() if compiled else flex_attention
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         return fn(q, k, v, block_mask=block_mask)
+
+
+@register_kernel("flex")
+def flex_attention_kernel(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout_p: float) -> Tensor:
+    """torch's flex_attention with a block mask, compiled: fused and sparse over masked blocks.
+    No dropout on attention weights; on CPU (torch 2.13) forward only."""
+    # a decoding step (one query) is cheap unfused, and its growing key length would recompile at every token
+    return _flex(q, k, v, mask, compiled=q.size(-2) > 1)
+
+
+@register_kernel("flex_eager")
+def flex_eager_kernel(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout_p: float) -> Tensor:
+    """flex_attention without torch.compile: slow, unfused, and what `flex` falls back to where its compiled code
+    fails the self-check (minitx.kernel_check)."""
+    return _flex(q, k, v, mask, compiled=False)
 
 
 @register_kernel("flash")
@@ -188,7 +196,7 @@ def kernel_unavailable(name: str, device: str, training: bool, masks: set[str] |
             return "flash-attn runs on CUDA GPUs only"
         if masks & {"padding", "document"}:
             return "flash-attn's dense kernel takes no padding or document masks"
-    if name == "flex":
+    if name in ("flex", "flex_eager"):
         if not hasattr(torch.nn.attention, "flex_attention") and importlib.util.find_spec(
                 "torch.nn.attention.flex_attention") is None:
             return "this torch has no flex_attention"
@@ -209,6 +217,15 @@ def resolve_kernel(name: str, device: str, training: bool, masks: set[str] | Non
         working = [k for k in sorted(KERNELS) if kernel_unavailable(k, device, training, masks) is None]
         raise ValueError(f"{reason}; kernels that work here: {working}")
     return name, "as configured"
+
+
+def attend(kernel: str, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout_p: float = 0.0,
+           sdpa_backend: str = "auto") -> Tensor:
+    """softmax(QKᵀ/√d_k)V by kernel `kernel`: (B, H, T_q, D). With sdpa, `sdpa_backend` forces PyTorch's choice."""
+    backend = (sdpa_kernel(SDPA_BACKENDS[sdpa_backend])
+               if kernel == "sdpa" and sdpa_backend != "auto" else contextlib.nullcontext())
+    with backend:
+        return KERNELS[kernel](q, k, v, mask, dropout_p)
 
 
 def rotary_tables(head_dim: int, max_len: int, base: float = 10000.0) -> Tensor:
@@ -274,10 +291,6 @@ class MultiHeadSelfAttention(nn.Module):
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         if cache is not None:  # (B, H, T_cached + T, D), or the whole buffer
             k, v = cache.append(k, v) if mask.query_positions is None else cache.write(mask.query_positions, k, v)
-        kernel = KERNELS[self.attention]
-        backend = (sdpa_kernel(SDPA_BACKENDS[self.sdpa_backend])
-                   if self.attention == "sdpa" and self.sdpa_backend != "auto" else contextlib.nullcontext())
-        with backend:
-            y = kernel(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, H, T, D)
+        y = attend(self.attention, q, k, v, mask, self.dropout if self.training else 0.0, self.sdpa_backend)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # merge heads
         return self.resid_dropout(self.proj(y))

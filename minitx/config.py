@@ -44,8 +44,9 @@ class ModelConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = False  # biases in Linear and LayerNorm; GPT-2 had them, small models train as well without
-    attention: str = "sdpa"  # naive | sdpa | flex | flash | auto; see minitx.attention.KERNELS
+    attention: str = "sdpa"  # naive | sdpa | flex | flex_eager | flash | auto; see minitx.attention.KERNELS
     sdpa_backend: str = "auto"  # with sdpa: auto (PyTorch chooses) | flash | efficient | math | cudnn
+    attention_check: bool = True  # run a fused kernel once against naive at the run's shape first (kernel_check)
     attention_window: int = 0  # sliding-window attention: each position sees this many most recent (0 = all)
     pos_emb: str = "learned"  # learned (GPT-2's table) | rope (rotary, applied to q and k in every layer)
     rope_base: float = 10000.0

@@ -127,6 +127,17 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def training_case(config: TrainConfig, device: str) -> Any:
+    """The shape a training run attends at, for the kernel self-check (minitx.kernel_check)."""
+    from minitx.kernel_check import AttentionCase, compute_dtype
+
+    m = config.model
+    return AttentionCase(m.n_head, m.n_embd // m.n_head, m.block_size, m.block_size,
+                         compute_dtype(config.trainer.precision), device, causal=config.task == "causal_lm",
+                         padding=config.task == "classify", document=config.data.document_mask,
+                         window=m.attention_window, backward=True, sdpa_backend=m.sdpa_backend)
+
+
 def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None) -> float:
     """Train per `config`, write checkpoints, print a sample; return the best val/loss.
 
@@ -147,6 +158,7 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     from minitx.checkpoint import read_checkpoint
     from minitx.data import LabelledDataModule, TokenDataModule, prepare_data, prepare_labelled
     from minitx.generation import generate
+    from minitx.kernel_check import checked_kernel
     from minitx.tasks import CHECKPOINT_KEY, CausalLM, MaskedLM, SequenceClassifier
     from minitx.tokenizer import (
         ENCODER_TOKENS,
@@ -176,12 +188,16 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     if str(config.trainer.precision).startswith("bf16") and not on_gpu and not cpu_has_bf16():
         log.warning("trainer.precision=%s on a CPU without bfloat16 hardware runs about 16x slower than 32-true",
                     config.trainer.precision)
-    masks = {name for name, on in (("document", config.data.document_mask),
+    masks = {name for name, on in (("document", config.data.document_mask), ("padding", config.task == "classify"),
                                    ("window", config.model.attention_window > 0)) if on}
     try:
         kernel, why = resolve_kernel(config.model.attention, "cuda" if on_gpu else "cpu", True, masks)
     except ValueError as e:
         raise ConfigError(f"model.attention={config.model.attention!r}: {e}") from None
+    if config.model.attention_check and kernel != "naive":
+        checked = checked_kernel(kernel, [training_case(config, "cuda" if on_gpu else "cpu")])
+        if checked != kernel:
+            kernel, why = checked, f"{kernel} failed its self-check"
     L.seed_everything(config.seed, verbose=False)
     if on_gpu:
         torch.set_float32_matmul_precision("high")

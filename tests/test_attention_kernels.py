@@ -1,6 +1,7 @@
 """Every attention kernel computes what the naive math computes: outputs and gradients, for every mask kind,
 in float32 and bfloat16, and on the KV-cache decoding path. Kernels that cannot run here are skipped with
-the reason."""
+the reason. Where PyTorch's compiled flex_attention computes a case wrong on this machine (torch 2.13 on AVX2 code),
+the case is an expected failure only if minitx's self-check catches it and falls back to a kernel that is right."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from minitx import attention
+from minitx import kernel_check
 from minitx.attention import (
     KERNELS,
     SDPA_BACKENDS,
@@ -45,9 +46,9 @@ def masks() -> dict[str, AttentionMask]:
 
 
 def kernel_variants() -> list[tuple[str, str]]:
-    """(kernel, variant): sdpa once per PyTorch backend, flex compiled and eager."""
+    """(kernel, variant): sdpa once per PyTorch backend; flex (compiled) and flex_eager."""
     variants = [("naive", ""), ("sdpa", "auto")] + [("sdpa", b) for b in sorted(SDPA_BACKENDS)]
-    return [*variants, ("flex", "compiled"), ("flex", "eager"), ("flash", "")]
+    return [*variants, ("flex", ""), ("flex_eager", ""), ("flash", "")]
 
 
 def run_kernel(kernel: str, variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -60,13 +61,25 @@ def run_kernel(kernel: str, variant: str, q: torch.Tensor, k: torch.Tensor, v: t
             if "No available kernel" in str(e) or "No viable backend" in str(e):
                 pytest.skip(f"sdpa backend {variant!r} cannot run this case on {DEVICE}: {str(e).splitlines()[0][:90]}")
             raise
-    if kernel == "flex":
-        attention.FLEX_COMPILE = variant == "compiled"
-        try:
-            return KERNELS["flex"](q, k, v, mask, 0.0)
-        finally:
-            attention.FLEX_COMPILE = True
     return KERNELS[kernel](q, k, v, mask, 0.0)
+
+
+def assert_close_or_caught(kernel: str, got: torch.Tensor, want: torch.Tensor, atol: float,
+                           case: kernel_check.AttentionCase) -> None:
+    """`got` equals `want`; or, for compiled flex only, it does not, and the self-check at the same case rejects
+    the kernel and picks one that is right: an expected failure of PyTorch's, caught by minitx."""
+    try:
+        torch.testing.assert_close(got, want, atol=atol, rtol=0)
+    except AssertionError as wrong:
+        if kernel != "flex":
+            raise
+        kernel_check._verdicts.clear()
+        assert kernel_check.verdict("flex", case) is not None, f"the self-check missed a wrong result: {wrong}"
+        fallback = kernel_check.checked_kernel("flex", [case])
+        assert fallback != "flex" and kernel_check.verdict(fallback, case) is None
+        error = (got.float() - want.float()).abs().max().item()
+        pytest.xfail(f"torch's compiled flex_attention is wrong here (max |diff| {error:.3g}); the self-check caught "
+                     f"it at {case} and fell back to {fallback!r}")
 
 
 def inputs(dtype: torch.dtype, t_k: int = T) -> tuple[torch.Tensor, ...]:
@@ -79,7 +92,7 @@ def skip_unless_runs(kernel: str, variant: str, mask_name: str, dtype: torch.dty
     reason = kernel_unavailable(kernel, DEVICE, training=backward, masks=needs)
     if reason:
         pytest.skip(f"{kernel}: {reason}")
-    if kernel == "flex" and variant == "compiled" and dtype == torch.bfloat16 and DEVICE == "cpu":
+    if kernel == "flex" and dtype == torch.bfloat16 and DEVICE == "cpu":
         pytest.skip("flex compiled in bfloat16 on CPU: not covered (slow to compile); eager bf16 is")
 
 
@@ -90,7 +103,7 @@ def test_kernel_matches_naive(kernel: str, variant: str, mask_name: str, dtype: 
     mask = masks()[mask_name]
     mask = dataclasses.replace(mask, key_padding=None if mask.key_padding is None else mask.key_padding.to(DEVICE),
                                doc_ids=None if mask.doc_ids is None else mask.doc_ids.to(DEVICE))
-    has_backward = not (kernel == "flex" and DEVICE == "cpu")
+    has_backward = not (kernel.startswith("flex") and DEVICE == "cpu")
     skip_unless_runs(kernel, variant, mask_name, dtype, backward=False)
     q, k, v = inputs(dtype)
     if has_backward:
@@ -99,7 +112,9 @@ def test_kernel_matches_naive(kernel: str, variant: str, mask_name: str, dtype: 
         out = run_kernel(kernel, variant, q.detach(), k.detach(), v.detach(), mask)
     reference = naive_attention(q, k, v, mask, 0.0)
     out_tol, grad_tol = TOLERANCE[dtype]
-    torch.testing.assert_close(out.float(), reference.float(), atol=out_tol, rtol=0)
+    case = kernel_check.AttentionCase(H, D, T, T, dtype, DEVICE, mask.causal, mask.key_padding is not None,
+                                      mask.doc_ids is not None, mask.window, has_backward)
+    assert_close_or_caught(kernel, out.float(), reference.float(), out_tol, case)
     if has_backward:
         grads = torch.autograd.grad(out.float().pow(2).sum(), (q, k, v))
         ref_grads = torch.autograd.grad(reference.float().pow(2).sum(), (q, k, v))
@@ -117,10 +132,12 @@ def test_kernel_on_queries_after_a_cache(kernel: str, variant: str, mask_name: s
     full = naive_attention(q, k, v, mask, 0.0)
     for t_q in (1, 5):
         part = run_kernel(kernel, variant, q[:, :, -t_q:], k, v, mask)
-        torch.testing.assert_close(part, full[:, :, -t_q:], atol=2e-5, rtol=0)
+        case = kernel_check.AttentionCase(H, D, t_q, T, torch.float32, DEVICE, mask.causal, False,
+                                          mask.doc_ids is not None, mask.window)
+        assert_close_or_caught(kernel, part, full[:, :, -t_q:], 2e-5, case)
 
 
-@pytest.mark.parametrize("kernel", ["naive", "sdpa", "flex"])
+@pytest.mark.parametrize("kernel", ["naive", "sdpa", "flex", "flex_eager"])
 def test_module_with_kv_cache_equals_full_forward(kernel: str) -> None:
     if reason := kernel_unavailable(kernel, DEVICE, training=False):
         pytest.skip(reason)

@@ -1,0 +1,156 @@
+"""The attention self-check: a fused kernel is trusted at a shape only after it has agreed with the naive math there.
+
+Fused kernels are other people's code, compiled for this machine, and can be wrong for some shapes on some CPUs
+(torch 2.13's compiled flex_attention is, at head size 16 and 24 positions on AVX2 code). Before a run attends with a
+kernel other than `naive`, it runs that kernel once on random inputs at each shape the run will use and compares the
+output (and, for training, the gradients) with `naive`. A kernel that disagrees is replaced by the next one in its
+fallback chain that agrees, with one warning naming the kernel, the shape and the error. Verdicts are remembered for
+the process. `model.attention_check=false` (minitx-sample: `attention_check=false`) skips all of this.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from minitx.attention import AttentionMask, attend, kernel_unavailable, naive_attention
+
+log = logging.getLogger("minitx")
+
+# where a kernel that fails its check falls back to, in order; naive is the reference, so it always agrees
+FALLBACKS = {"flex": ("flex_eager", "sdpa"), "flex_eager": ("sdpa",), "flash": ("sdpa",), "sdpa": ()}
+# random inputs a kernel is run on per case: compiled flex's errors depend on the values (about half of all random
+# inputs at a bad shape), so one draw can miss them; eight all miss about once in a thousand
+TRIALS = 8
+# largest |kernel - naive| accepted, relative to max(1, |naive|): rounding, not a wrong result
+TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 6e-2, torch.float16: 1e-2}
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    """One shape a run attends at: T_q queries (the last of T_k positions) against T_k keys."""
+
+    n_head: int
+    head_dim: int
+    t_q: int
+    t_k: int
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    causal: bool = True
+    padding: bool = False  # key padding masks (classification batches)
+    document: bool = False  # document masks (packed sequences with data.document_mask)
+    window: int = 0
+    backward: bool = False  # training: gradients are compared too
+    batch: int = 2
+    sdpa_backend: str = "auto"
+
+    def __str__(self) -> str:
+        kinds = ["causal" if self.causal else "bidirectional"] + ["padding"] * self.padding
+        kinds += ["document"] * self.document + [f"window {self.window}"] * bool(self.window)
+        queries = f"{self.t_q} positions" if self.t_q == self.t_k else f"{self.t_q} queries x {self.t_k} keys"
+        return (f"batch {self.batch}, {self.n_head} heads of {self.head_dim}, {queries}, {'+'.join(kinds)}, "
+                f"{str(self.dtype).removeprefix('torch.')}, {self.device}" + ", with gradients" * self.backward)
+
+    @property
+    def masks(self) -> set[str]:
+        return {name for name, on in (("padding", self.padding), ("document", self.document)) if on}
+
+    def inputs(self, trial: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMask]:
+        """Random q, k, v and a mask of this case's kinds, the same for every process (seeded by `trial`)."""
+        g = torch.Generator().manual_seed(trial)
+        q = torch.randn(self.batch, self.n_head, self.t_q, self.head_dim, generator=g)
+        k, v = (torch.randn(self.batch, self.n_head, self.t_k, self.head_dim, generator=g) for _ in range(2))
+        key_padding = doc_ids = None
+        if self.padding:  # every row keeps at least its first position
+            lengths = torch.randint(1, self.t_k + 1, (self.batch,), generator=g)
+            lengths[-1] = self.t_k  # and one row is full
+            key_padding = (torch.arange(self.t_k)[None] < lengths[:, None]).to(self.device)
+        if self.document:
+            starts = torch.rand(self.batch, self.t_k, generator=g) < 4 / max(self.t_k, 4)
+            doc_ids = starts.long().cumsum(dim=1).to(self.device)
+        mask = AttentionMask(self.causal, key_padding, doc_ids, self.window)
+        q, k, v = (t.to(self.device, self.dtype) for t in (q, k, v))
+        return q, k, v, mask
+
+
+def mismatch(kernel: str, case: AttentionCase, trials: int = TRIALS) -> str | None:
+    """How `kernel` disagrees with the naive math at `case` on any of `trials` random inputs, or None if it agrees."""
+    for trial in range(trials):
+        if (why := _mismatch_once(kernel, case, trial)) is not None:
+            return why
+    return None
+
+
+def _mismatch_once(kernel: str, case: AttentionCase, trial: int) -> str | None:
+    q, k, v, mask = case.inputs(trial)
+    if case.backward:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    try:
+        out = attend(kernel, q, k, v, mask, 0.0, case.sdpa_backend)
+        results = [("output", out.float(), naive_attention(q, k, v, mask, 0.0).float())]
+        if case.backward:
+            g = torch.randn(out.shape, generator=torch.Generator().manual_seed(trial)).to(out.device, out.dtype)
+            grads = torch.autograd.grad(out, (q, k, v), g)
+            reference = torch.autograd.grad(naive_attention(q, k, v, mask, 0.0), (q, k, v), g)
+            results += [(f"d{name}", a.float(), b.float()) for name, a, b in zip("qkv", grads, reference, strict=True)]
+    except Exception as e:  # a kernel that cannot run this case is as unusable as a wrong one
+        first_line = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        return f"raised {type(e).__name__}: {first_line}"
+    for name, got, want in results:
+        if not torch.isfinite(got).all():
+            return f"non-finite values in its {name}"
+        error = (got - want).abs().max().item()
+        if error > TOLERANCE.get(case.dtype, 1e-3) * max(1.0, want.abs().max().item()):
+            return f"{name} differs from naive by up to {error:.3g}"
+    return None
+
+
+_verdicts: dict[tuple[str, AttentionCase], str | None] = {}
+
+
+def verdict(kernel: str, case: AttentionCase) -> str | None:
+    """mismatch(), computed once per kernel and case in this process."""
+    key = (kernel, case)
+    if key not in _verdicts:
+        _verdicts[key] = mismatch(kernel, case)
+    return _verdicts[key]
+
+
+def fallback_chain(kernel: str) -> list[str]:
+    """`kernel`, then the kernels to try if it fails, ending with naive."""
+    chain = [kernel, *FALLBACKS.get(kernel, ("sdpa",)), "naive"]
+    return list(dict.fromkeys(chain))  # once each, in order
+
+
+def checked_kernel(kernel: str, cases: Iterable[AttentionCase]) -> str:
+    """The first kernel of `kernel`'s fallback chain that agrees with naive at every case (naive needs no check).
+    Each rejected kernel is reported in one warning: the kernel, the shape, the error, and what is used instead."""
+    cases = list(cases)
+    failures = []
+    for candidate in fallback_chain(kernel):
+        if candidate != "naive":
+            if any(kernel_unavailable(candidate, c.device, c.backward, c.masks) for c in cases):
+                continue
+            failed = next(((c, why) for c in cases if (why := verdict(candidate, c)) is not None), None)
+            if failed is not None:
+                failures.append((candidate, *failed))
+                continue
+        for name, case, why in failures:
+            log.warning("attention kernel %r failed its self-check at %s: %s; using %r instead "
+                        "(model.attention_check=false skips the check)", name, case, why, candidate)
+        return candidate
+    raise AssertionError("unreachable: naive ends every chain")
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype attention runs in under a Lightning precision setting."""
+    precision = str(precision)
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float64 if precision.startswith("64") else torch.float32
+
