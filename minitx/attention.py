@@ -150,6 +150,8 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, compiled: bool) 
     if mask.query_positions is not None:
         raise ValueError("the flex kernel takes queries at the end of the keys only (no static-cache decoding)")
     block_mask = flex_block_mask(mask, q.size(0), q.size(-2), k.size(-2), q.device)
+    if compiled:  # one memory layout per shape: the graph the self-check ran is the one every call runs
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     fn = _compiled_flex() if compiled else flex_attention
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")

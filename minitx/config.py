@@ -7,11 +7,14 @@ Each bad value fails here, at start-up, with one line that names the key, the va
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+log = logging.getLogger("minitx")
 
 
 class MinitxError(Exception):
@@ -157,10 +160,14 @@ class OptimConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 fail(f"optim.{name}", getattr(self, name), "must be in [0, 1)")
-        if self.warmup_steps < 0 or self.warmup_steps > max_steps:
-            fail("optim.warmup_steps", self.warmup_steps, f"must be in [0, trainer.max_steps={max_steps}]")
+        if self.warmup_steps < 0:
+            fail("optim.warmup_steps", self.warmup_steps, "must be >= 0")
         if self.decay_steps < 0:
             fail("optim.decay_steps", self.decay_steps, "must be >= 0 (0 decays over trainer.max_steps)")
+        if self.warmup_steps > max_steps:  # a shortened run (trainer.max_steps=N alone) warms up over all of it
+            log.info("optim.warmup_steps=%d is longer than trainer.max_steps=%d: warming up over all %d steps",
+                     self.warmup_steps, max_steps, max_steps)
+            return dataclasses.replace(self, warmup_steps=max_steps)
         return self
 
 
@@ -295,7 +302,7 @@ class TrainConfig:
         self.tokenizer.validate()
         self.data.validate()
         self.trainer.validate()
-        self.optim.validate(self.trainer.max_steps)
+        self.optim = self.optim.validate(self.trainer.max_steps)
         self.logger.validate()
         self.checkpoint.validate()
         self.guard.validate()

@@ -10,6 +10,7 @@ the process. `model.attention_check=false` (minitx-sample: `attention_check=fals
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -88,9 +89,12 @@ def _mismatch_once(kernel: str, case: AttentionCase, trial: int) -> str | None:
     q, k, v, mask = case.inputs(trial)
     if case.backward:
         q, k, v = (t.requires_grad_() for t in (q, k, v))
+    # evaluation and sampling run under inference_mode, and a compiled kernel is compiled for the grad mode it runs in
+    mode = contextlib.nullcontext() if case.backward else torch.inference_mode()
     try:
-        out = attend(kernel, q, k, v, mask, 0.0, case.sdpa_backend)
-        results = [("output", out.float(), naive_attention(q, k, v, mask, 0.0).float())]
+        with mode:
+            out = attend(kernel, q, k, v, mask, 0.0, case.sdpa_backend)
+            results = [("output", out.float(), naive_attention(q, k, v, mask, 0.0).float())]
         if case.backward:
             g = torch.randn(out.shape, generator=torch.Generator().manual_seed(trial)).to(out.device, out.dtype)
             grads = torch.autograd.grad(out, (q, k, v), g)

@@ -127,15 +127,17 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def training_case(config: TrainConfig, device: str) -> Any:
-    """The shape a training run attends at, for the kernel self-check (minitx.kernel_check)."""
+def training_cases(config: TrainConfig, device: str) -> list[Any]:
+    """The shape a training run attends at, with gradients (training) and without (evaluation), for the kernel
+    self-check (minitx.kernel_check)."""
     from minitx.kernel_check import AttentionCase, compute_dtype
 
     m = config.model
-    return AttentionCase(m.n_head, m.n_embd // m.n_head, m.block_size, m.block_size,
+    case = AttentionCase(m.n_head, m.n_embd // m.n_head, m.block_size, m.block_size,
                          compute_dtype(config.trainer.precision), device, causal=config.task == "causal_lm",
                          padding=config.task == "classify", document=config.data.document_mask,
                          window=m.attention_window, backward=True, sdpa_backend=m.sdpa_backend)
+    return [case, dataclasses.replace(case, backward=False)]
 
 
 def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None) -> float:
@@ -159,6 +161,7 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     from minitx.data import LabelledDataModule, TokenDataModule, prepare_data, prepare_labelled
     from minitx.generation import generate
     from minitx.kernel_check import checked_kernel
+    from minitx.memory import check_fits
     from minitx.tasks import CHECKPOINT_KEY, CausalLM, MaskedLM, SequenceClassifier
     from minitx.tokenizer import (
         ENCODER_TOKENS,
@@ -194,8 +197,14 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
         kernel, why = resolve_kernel(config.model.attention, "cuda" if on_gpu else "cpu", True, masks)
     except ValueError as e:
         raise ConfigError(f"model.attention={config.model.attention!r}: {e}") from None
+    device = "cuda" if on_gpu else "cpu"
+    devices = config.trainer.devices
+    processes = 1 if on_gpu else devices if isinstance(devices, int) and devices > 1 else 1  # CPU DDP shares RAM
+    fits = dict(batch_size=config.data.batch_size, precision=config.trainer.precision, device=device,
+                processes=processes)
+    check_fits(dataclasses.replace(config.model, attention=kernel), config.model.vocab_size, **fits)  # before the data
     if config.model.attention_check and kernel != "naive":
-        checked = checked_kernel(kernel, [training_case(config, "cuda" if on_gpu else "cpu")])
+        checked = checked_kernel(kernel, training_cases(config, device))
         if checked != kernel:
             kernel, why = checked, f"{kernel} failed its self-check"
     L.seed_everything(config.seed, verbose=False)
@@ -218,6 +227,7 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     if config.model.vocab_size and config.model.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {vocab}")
     model_cfg = dataclasses.replace(config.model, vocab_size=config.model.vocab_size or vocab, attention=kernel)
+    check_fits(model_cfg, model_cfg.vocab_size, **fits)  # with the vocabulary
     if init is not None:
         check_same_architecture(init.config, model_cfg)
     if resume_meta is not None:

@@ -235,9 +235,10 @@ def test_checkpoint_whose_pickle_runs_code_is_refused(tmp_path: Path, monkeypatc
     ("overrides", "message"),
     [
         (["model.n_embd=130", "model.n_head=4"], "model.n_embd=130 is not divisible by model.n_head=4"),
-        (["model.attention=nope"], "model.attention='nope': unknown kernel; choose one of ['flash', 'flex', 'naive'"),
+        (["model.attention=nope"],
+         "model.attention='nope': unknown kernel; choose one of ['flash', 'flex', 'flex_eager', 'naive'"),
         (["model.sdpa_backend=fastest"], "model.sdpa_backend='fastest': choose auto or one of"),
-        (["optim.warmup_steps=5000"], "optim.warmup_steps=5000: must be in [0, trainer.max_steps=1500]"),
+        (["optim.warmup_steps=-1"], "optim.warmup_steps=-1: must be >= 0"),
         (["optim.lr=0"], "optim.lr=0.0: must be > 0"),
         (["trainer.precision=fp8"], "trainer.precision='fp8'"),
         (["tokenizer.kind=sentencepiece"], "tokenizer.kind='sentencepiece'"),
@@ -257,6 +258,20 @@ def test_bad_config_fails_at_start_up(overrides: list[str], message: str) -> Non
     with pytest.raises(ConfigError) as e:
         parse_config(compose_config(*overrides))
     assert str(e.value).startswith(message)
+
+
+def test_a_warmup_longer_than_the_run_is_clamped_to_it(caplog: pytest.LogCaptureFixture) -> None:
+    """trainer.max_steps=N alone shortens a run for any N >= 1: the warmup (100 by default) shrinks to fit."""
+    from minitx.tasks import lr_at
+
+    for steps in (1, 5, 99):
+        with caplog.at_level("INFO", logger="minitx"):
+            config = parse_config(compose_config(f"trainer.max_steps={steps}"))
+        assert config.optim.warmup_steps == steps
+        assert f"optim.warmup_steps=100 is longer than trainer.max_steps={steps}: warming up over all" in caplog.text
+        lrs = [lr_at(step, config.optim, steps) for step in range(steps)]
+        assert lrs == sorted(lrs) and lrs[-1] < config.optim.lr  # rising over the whole run
+    assert parse_config(compose_config("trainer.max_steps=100")).optim.warmup_steps == 100  # fits: unchanged
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only check")

@@ -1,0 +1,96 @@
+"""Whether a model fits before it is built: training memory estimated from the config, against what is free.
+
+A model too big for the machine otherwise fails deep inside an allocation (`DefaultCPUAllocator: can't allocate
+memory`), or gets the process killed. The estimate counts what cannot be avoided: fp32 weights, their gradients and
+AdamW's two moments (16 bytes a parameter), plus a rough lower bound on the activations a step keeps for backward.
+It errs low, so a model that fits is never refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from minitx.config import ConfigError, ModelConfig
+
+GB = 1e9
+
+
+def count_parameters(config: ModelConfig, vocab_size: int) -> int:
+    """Parameters of the GPT or encoder `config` describes (tied head; biases and norms left out: a lower bound)."""
+    c, layers = config.n_embd, config.n_layer
+    positions = config.block_size * c if config.pos_emb == "learned" else 0
+    return vocab_size * c + positions + layers * 12 * c * c  # per block: qkv 3c², proj c², MLP 8c²
+
+
+@dataclass
+class TrainingMemory:
+    parameters: int
+    states: float  # bytes: weights, gradients, AdamW moments
+    activations: float  # bytes kept for backward in one step (a rough lower bound)
+
+    @property
+    def total(self) -> float:
+        return self.states + self.activations
+
+
+def training_memory(config: ModelConfig, vocab_size: int, batch_size: int, precision: str,
+                    attention: str) -> TrainingMemory:
+    n = count_parameters(config, vocab_size)
+    width = 2 if str(precision).startswith(("bf16", "16")) else 8 if str(precision).startswith("64") else 4
+    tokens = batch_size * config.block_size
+    per_token = config.n_layer * 16 * config.n_embd + 2 * vocab_size  # block activations; logits and their gradient
+    activations = tokens * per_token * width
+    if attention == "naive":  # the (T x T) scores and their softmax, per head and layer
+        activations += 2 * batch_size * config.n_layer * config.n_head * config.block_size**2 * 4
+    return TrainingMemory(n, 16.0 * n, float(activations))
+
+
+def free_memory(device: str) -> float:
+    """Bytes free now: on a GPU what CUDA reports, on a CPU MemAvailable (capped by a cgroup's limit, if any)."""
+    if device == "cuda":
+        return float(torch.cuda.mem_get_info()[0])
+    free = float("inf")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            free = min(free, float(int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def _count(n: int) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def check_fits(config: ModelConfig, vocab_size: int, batch_size: int, precision: str, device: str,
+               processes: int = 1, free: float | None = None) -> None:
+    """Refuse, in one line with the numbers, a model whose training state alone cannot fit in free memory.
+    `processes`: training processes sharing this memory (CPU DDP)."""
+    need = training_memory(config, vocab_size, batch_size, precision, config.attention)
+    free = free_memory(device) if free is None else free
+    if need.total * processes <= free:
+        return
+    where = f"{processes} processes need" if processes > 1 else "it needs"
+    numbers = (f"~{_count(need.parameters)} parameters: {where} ~{need.total * processes / GB:,.1f} GB "
+               f"({need.states * processes / GB:,.1f} GB of weights, gradients and AdamW state, "
+               f"~{need.activations * processes / GB:,.1f} GB of activations), and this {device} has "
+               f"{free / GB:,.1f} GB free")
+    if need.states >= need.activations:
+        raise ConfigError(f"model.n_embd={config.n_embd} with model.n_layer={config.n_layer}: {numbers}; "
+                          "make the model smaller")
+    raise ConfigError(f"data.batch_size={batch_size} with model.block_size={config.block_size}: {numbers}; "
+                      "lower data.batch_size (trainer.accumulate_grad_batches keeps the batch) or model.block_size")
