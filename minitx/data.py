@@ -89,8 +89,8 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         )
     val = splits.get(cfg.val_split)
     for name, split in (("train", train), (cfg.val_split, val)):
-        if split is not None and not _has_text(split, cfg.text_column):
-            raise DataError(_no_text_message(cfg, name))
+        if split is not None:
+            _check_text(cfg, name, split)
     if cfg.streaming:  # an in-memory dataset's fingerprint is random: name the source instead
         parts = [_source_fingerprint(cfg), cfg.val_split if val is not None else "held-out", cfg.text_column]
     else:
@@ -211,15 +211,24 @@ def _read_error(path: str, val_split: str, error: Exception) -> DataError:
     return DataError(f"data.path={path}: could not be read as {BUILDERS[files[0].suffix]} ({reason[:200]})")
 
 
-def _has_text(split: datasets.Dataset, column: str) -> bool:
-    """Whether any row's text has a character other than whitespace (one vectorised pass; non-text columns pass)."""
+def _check_text(cfg: DataConfig, name: str, split: datasets.Dataset) -> None:
+    """A split whose text is not UTF-8 (the json reader does not check) or has nothing but whitespace is refused
+    here, in one vectorised pass each, rather than with a traceback later or a model of blank lines."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    values = split.data.column(column)
+    values = split.data.column(cfg.text_column)
     if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
-        return len(split) > 0
-    return bool(pc.any(pc.match_substring_regex(values, r"\S")).as_py())
+        return
+    try:
+        values.validate(full=True)
+    except pa.ArrowInvalid as e:
+        if cfg.path is None:
+            raise DataError(f"data.hub_id={cfg.hub_id!r}: the {name} split holds text that is not UTF-8 ({e}); "
+                            "choose another dataset") from None
+        raise _read_error(cfg.path, cfg.val_split, e) from None
+    if not pc.any(pc.match_substring_regex(values, r"\S")).as_py():
+        raise DataError(_no_text_message(cfg, name))
 
 
 def _no_text_message(cfg: DataConfig, split: str) -> str:

@@ -216,10 +216,12 @@ def test_token_ids_above_uint16_keep_their_value(tmp_path: Path) -> None:
         ({"c.jsonl": b""}, r"c\.jsonl holds no text \(it is empty\)"),
         ({"c.csv": b""}, r"c\.csv holds no text \(it is empty\)"),
         ({"c.txt": b"the cat\n" * 50 + b"caf\xe9\n"}, r"c\.txt is not UTF-8 text \(byte 0xe9 at offset 403\); convert"),
+        ({"c.jsonl": b'{"text": "the cat"}\n' * 30 + b'{"text": "caf\xe9"}\n'},  # the json reader does not check
+         r"c\.jsonl is not UTF-8 text \(byte 0xe9 at offset 613\)"),
         ({"d/train.txt": b"the cat\n" * 50, "d/validation.txt": b""},
          r"data\.path=.*d: the validation split \(validation\.txt\) holds no text \(it is empty\)"),
     ],
-    ids=["empty", "whitespace", "empty-jsonl", "empty-csv", "latin1", "empty-validation"],
+    ids=["empty", "whitespace", "empty-jsonl", "empty-csv", "latin1", "latin1-jsonl", "empty-validation"],
 )
 def test_files_without_text_are_refused_and_a_fixed_file_loads(tmp_path: Path, files: dict[str, bytes],
                                                                 message: str) -> None:
@@ -236,3 +238,10 @@ def test_files_without_text_are_refused_and_a_fixed_file_loads(tmp_path: Path, f
                                      "text\n" + text if name.endswith(".csv") else text)
     data = prepare(tmp_path, path=str(path))
     assert len(data.train) > 100 and len(data.val) > 17
+
+
+def test_a_streamed_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "c.txt"
+    path.write_bytes(b"the cat\n" * 50 + b"\xff")
+    with pytest.raises(DataError, match=r"c\.txt is not UTF-8 text \(byte 0xff at offset 400\)"):
+        prepare(tmp_path, path=str(path), streaming=True, max_documents=10)
