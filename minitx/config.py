@@ -307,6 +307,8 @@ class TrainConfig:
         self.checkpoint.validate()
         self.guard.validate()
         self.perf.validate()
+        if not 0 <= self.seed < 2**32:  # numpy's and Lightning's seeding refuse anything else, with a traceback
+            fail("seed", self.seed, "must be in [0, 2**32)")
         if self.task not in ("causal_lm", "masked_lm", "classify"):
             fail("task", self.task, "choose causal_lm, masked_lm or classify")
         if self.task == "classify" and self.data.label_column is None:

@@ -9,6 +9,7 @@ rank needs no state beyond those three numbers.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from minitx.config import DataConfig, MinitxError, TokenizerConfig
-from minitx.tokenizer import EOT, build_tokenizer, tokenizer_hash, tokenizer_spec
+from minitx.tokenizer import EOT, build_tokenizer, id_limit, tokenizer_hash, tokenizer_spec
 
 if TYPE_CHECKING:
     import datasets
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 class DataError(MinitxError):
     """A corpus that cannot be loaded or is unusable."""
 
+
+# part of the token cache's key: changed whenever what goes into the cache changes, so no old cache is read back
+# 2: the held-out slice is cut from the text before the tokenizer is trained; token dtype from the largest id
+TOKEN_CACHE_FORMAT = 2
 
 # file suffix -> `datasets` builder
 BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text",
@@ -68,8 +73,13 @@ def load_corpus(cfg: DataConfig) -> Corpus:
 
     splits, description = load_splits(cfg)
     if cfg.streaming:  # read the first data.max_documents of each split, never the whole dataset
-        splits = {name: datasets.Dataset.from_list(list(split.take(cfg.max_documents)))
-                  for name, split in splits.items()}
+        try:
+            splits = {name: datasets.Dataset.from_list(list(split.take(cfg.max_documents)))
+                      for name, split in splits.items()}
+        except Exception as e:  # a stream reads its files only now
+            if cfg.path is None:
+                raise
+            raise _read_error(cfg.path, cfg.val_split, e) from e
         description += f", first {cfg.max_documents} documents (streamed)"
     train = splits["train"] if "train" in splits else splits[next(iter(splits))]
     if cfg.text_column not in train.column_names:
@@ -78,6 +88,9 @@ def load_corpus(cfg: DataConfig) -> Corpus:
             f"its columns are {train.column_names}"
         )
     val = splits.get(cfg.val_split)
+    for name, split in (("train", train), (cfg.val_split, val)):
+        if split is not None:
+            _check_text(cfg, name, split)
     if cfg.streaming:  # an in-memory dataset's fingerprint is random: name the source instead
         parts = [_source_fingerprint(cfg), cfg.val_split if val is not None else "held-out", cfg.text_column]
     else:
@@ -94,7 +107,7 @@ def load_splits(cfg: DataConfig, builtin: bool = True) -> tuple[Any, str]:
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     if cfg.path is not None:
-        return _load_local(cfg.path, cfg.streaming), f"data.path={cfg.path}"
+        return _load_local(cfg.path, cfg.val_split, cfg.streaming), f"data.path={cfg.path}"
     if cfg.hub_id is not None:
         return _load_hub(cfg), f"data.hub_id={cfg.hub_id}"
     if not builtin:
@@ -119,13 +132,28 @@ def _local_files(path: str) -> list[Path]:
     return [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in BUILDERS)
 
 
-def _load_local(path: str, streaming: bool = False) -> datasets.DatasetDict | datasets.IterableDatasetDict:
-    import datasets
-
-    root = Path(path)
+def _split_files(path: str, val_split: str) -> dict[str, list[Path]]:
+    """Files per split. In a directory, files named for data.val_split (validation.txt,
+    validation-00000-of-00001.parquet) are the validation split and every other file is training text: datasets'
+    own guess from file names keeps train.py alone as training text and drops or tests its neighbours."""
     files = _local_files(path)
     if not files:
         raise DataError(f"data.path={path!r}: no {'/'.join(sorted(BUILDERS))} files in it")
+    if Path(path).is_file():
+        return {"train": files}
+    held = [f for f in files if f.stem == val_split or f.stem.startswith(f"{val_split}-")]
+    train = [f for f in files if f not in held]
+    if not train:
+        raise DataError(f"data.path={path!r}: only {val_split} files, no training text; add training files beside them")
+    return {"train": train, val_split: held} if held else {"train": train}
+
+
+def _load_local(path: str, val_split: str = "validation",
+                streaming: bool = False) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+    import datasets
+
+    splits = _split_files(path, val_split)
+    files = [f for split in splits.values() for f in split]
     builders = {BUILDERS.get(f.suffix) for f in files}
     if None in builders or len(builders) > 1:
         raise DataError(
@@ -134,9 +162,91 @@ def _load_local(path: str, streaming: bool = False) -> datasets.DatasetDict | da
         )
     builder = builders.pop()
     extra = {"sample_by": "document", "keep_linebreaks": True} if builder == "text" else {}
-    if root.is_dir():  # split names come from file names: train.jsonl, validation.jsonl, test.jsonl, ...
-        return datasets.load_dataset(builder, data_dir=str(root), streaming=streaming, **extra)
-    return datasets.load_dataset(builder, data_files={"train": [str(root)]}, streaming=streaming, **extra)
+    data_files = {name: [str(f) for f in split] for name, split in splits.items()}
+    try:
+        return datasets.load_dataset(builder, data_files=data_files, streaming=streaming, **extra)
+    except Exception as e:  # datasets wraps what its readers raise: find the file and the byte to name
+        raise _read_error(path, val_split, e) from e
+
+
+def _shown(path: str, file: Path) -> str:
+    """A file as the user knows it: its name, or its path inside the data.path directory."""
+    root = Path(path)
+    return file.name if root.is_file() else str(file.relative_to(root))
+
+
+def _first_non_utf8(file: Path) -> tuple[int, int] | None:
+    """(offset, value) of the first byte that is not UTF-8, reading 1 MiB at a time; None for a UTF-8 file."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    consumed = 0
+    with file.open("rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            pending = decoder.getstate()[0]  # the start of a character cut by the previous chunk
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                return consumed - len(pending) + e.start, (pending + chunk)[e.start]
+            if not chunk:
+                return None
+            consumed += len(chunk)
+
+
+def _read_error(path: str, val_split: str, error: Exception) -> DataError:
+    """One line for a local corpus `datasets` could not read: an empty file, a byte that is not UTF-8, or what the
+    reader said."""
+    files = [f for split in _split_files(path, val_split).values() for f in split]
+    for file in files:
+        if file.stat().st_size == 0:
+            fix = "give data.path a file with text in it" if Path(path).is_file() else "give it text or remove it"
+            return DataError(f"data.path={path}: {_shown(path, file)} holds no text (it is empty); {fix}")
+    for file in files if files[0].suffix != ".parquet" else []:
+        if (bad := _first_non_utf8(file)) is not None:
+            return DataError(
+                f"data.path={path}: {_shown(path, file)} is not UTF-8 text (byte 0x{bad[1]:02x} at offset {bad[0]}); "
+                "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove it from data.path"
+            )
+    cause = error.__cause__ or error
+    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return DataError(f"data.path={path}: could not be read as {BUILDERS[files[0].suffix]} ({reason[:200]})")
+
+
+def _check_text(cfg: DataConfig, name: str, split: datasets.Dataset) -> None:
+    """A split whose text is not UTF-8 (the json reader does not check) or has nothing but whitespace is refused
+    here, in one vectorised pass each, rather than with a traceback later or a model of blank lines."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = split.data.column(cfg.text_column)
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        return
+    try:
+        values.validate(full=True)
+    except pa.ArrowInvalid as e:
+        if cfg.path is None:
+            raise DataError(f"data.hub_id={cfg.hub_id!r}: the {name} split holds text that is not UTF-8 ({e}); "
+                            "choose another dataset") from None
+        raise _read_error(cfg.path, cfg.val_split, e) from None
+    if not pc.any(pc.match_substring_regex(values, r"\S")).as_py():
+        raise DataError(_no_text_message(cfg, name))
+
+
+def _no_text_message(cfg: DataConfig, split: str) -> str:
+    if cfg.path is None:
+        return f"data.hub_id={cfg.hub_id!r}: the {split} split holds no text; choose another dataset or data.hub_config"
+    files = _split_files(cfg.path, cfg.val_split)[split]
+    if all(f.stat().st_size == 0 for f in files):
+        why = "it is empty" if len(files) == 1 else "its files are empty"
+    elif BUILDERS[files[0].suffix] == "text":
+        why = "only whitespace"
+    else:
+        why = f"data.text_column={cfg.text_column!r} is empty or whitespace in every row"
+    if Path(cfg.path).is_file():
+        return f"data.path={cfg.path}: {files[0].name} holds no text ({why}); give data.path a file with text in it"
+    names = ", ".join(_shown(cfg.path, f) for f in files[:3]) + ", ..." * (len(files) > 3)
+    fix = ("put text in it, or remove it to hold out the last data.val_fraction of the training text"
+           if split == cfg.val_split else "add files with text in them")
+    return f"data.path={cfg.path}: the {split} split ({names}) holds no text ({why}); {fix}"
 
 
 def _hub_endpoint() -> str:
@@ -190,7 +300,10 @@ class TokenStream:
     def __init__(self, path: Path):
         self.path = path
         meta = json.loads(path.with_suffix(".json").read_text())
-        self.tokens = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["length"],))
+        dtype = np.dtype(meta["dtype"])
+        # an empty file cannot be mapped; the caller refuses a stream shorter than a window
+        self.tokens = np.memmap(path, dtype=dtype, mode="r", shape=(meta["length"],)) if meta["length"] else \
+            np.empty(0, dtype=dtype)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -232,7 +345,7 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, min_tokens: int
     per corpus). `encoder`: the tokenizer gets [PAD] [MASK] [CLS] [SEP]."""
     corpus = load_corpus(data_cfg)
     spec = tokenizer_hash(tokenizer) if tokenizer is not None else tokenizer_spec(tok_cfg, encoder)
-    key = hashlib.sha256(f"{corpus.fingerprint}|{spec}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{corpus.fingerprint}|{spec}|{TOKEN_CACHE_FORMAT}".encode()).hexdigest()[:20]
     cache = Path(data_cfg.cache_dir) if data_cfg.cache_dir else default_cache_dir()
     cache = cache / key
     done = cache / "done.json"
@@ -245,15 +358,14 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, min_tokens: int
     else:
         cache.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
+        train_texts, val_texts, cut_inside = corpus.train, corpus.val, False
+        if val_texts is None:  # held out before the tokenizer is trained: it must learn nothing from that text
+            train_texts, val_texts, cut_inside = hold_out_tail(corpus.train, corpus.text_column,
+                                                               data_cfg.val_fraction)
         if tokenizer is None:
-            tokenizer = build_tokenizer(tok_cfg, _texts(corpus.train, corpus.text_column), encoder)
-        train_tokens = _tokenize(corpus.train, corpus.text_column, tokenizer)
-        if corpus.val is not None:
-            val_tokens = _tokenize(corpus.val, corpus.text_column, tokenizer)
-        else:  # deterministic held-out slice: the end of the stream, as nanoGPT does
-            n_val = int(len(train_tokens) * data_cfg.val_fraction)
-            cut = len(train_tokens) - n_val
-            train_tokens, val_tokens = train_tokens[:cut], train_tokens[cut:]
+            tokenizer = build_tokenizer(tok_cfg, _texts(train_texts, corpus.text_column), encoder)
+        train_tokens = _tokenize(train_texts, corpus.text_column, tokenizer, last_ends=not cut_inside)
+        val_tokens = _tokenize(val_texts, corpus.text_column, tokenizer)
         tmp = cache / f"tokenizer.json.tmp{os.getpid()}"
         tokenizer.save(str(tmp))
         os.replace(tmp, cache / "tokenizer.json")
@@ -272,29 +384,59 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, min_tokens: int
     return PreparedData(tokenizer, train, val, cache, from_cache, corpus.description)
 
 
+def hold_out_tail(ds: datasets.Dataset, column: str, fraction: float) -> tuple[datasets.Dataset, datasets.Dataset,
+                                                                               bool]:
+    """Split off the last `fraction` of the corpus's characters, as (training texts, held-out texts, whether the cut
+    falls inside a document). The held-out slice is the end of the corpus, as nanoGPT holds out, and it is counted in
+    characters, so one document (an input.txt) is cut the same way as many: the document at the cut is split in two."""
+    import datasets
+    import pyarrow.compute as pc
+
+    ds = ds.select_columns([column])
+    lengths = pc.utf8_length(pc.fill_null(ds.data.column(column), "")).to_numpy(zero_copy_only=False)
+    ends = np.cumsum(lengths)
+    n_val = int(ends[-1] * fraction) if len(ends) else 0
+    if n_val == 0:  # too little text to hold any out; the caller refuses the empty stream
+        return ds, ds.select([]), False
+    cut = int(ends[-1]) - n_val  # the first held-out character
+    i = int(np.searchsorted(ends, cut, side="right"))  # the document that holds it
+    offset = cut - int(ends[i] - lengths[i])
+    if offset == 0:
+        return ds.select(range(i)), ds.select(range(i, len(ds))), False
+    text = ds[i][column]
+    head, tail = (datasets.Dataset.from_dict({column: [part]}, features=ds.features)
+                  for part in (text[:offset], text[offset:]))
+    after = ds.select(range(i + 1, len(ds))) if i + 1 < len(ds) else ds.select([])  # range(n, n) is refused
+    train = datasets.concatenate_datasets([ds.select(range(i)), head])
+    return train, datasets.concatenate_datasets([tail, after]), True
+
+
 def _texts(ds: datasets.Dataset, column: str) -> Iterator[str]:
     for batch in ds.iter(batch_size=1000):
         yield from (t for t in batch[column] if t)
 
 
-def _tokenize(ds: datasets.Dataset, column: str, tokenizer: Tokenizer) -> np.ndarray:
-    """Batched map over the documents, then one vectorised join: doc EOT doc EOT ..."""
+def _tokenize(ds: datasets.Dataset, column: str, tokenizer: Tokenizer, last_ends: bool = True) -> np.ndarray:
+    """Batched map over the documents, then one vectorised join: doc EOT doc EOT ... (no EOT after the last document
+    unless `last_ends`: the held-out slice continues it)."""
     import pyarrow.compute as pc
 
     def encode(batch: dict) -> dict:
         texts = [t or "" for t in batch[column]]
         return {"ids": [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]}
 
+    dtype = np.uint16 if id_limit(tokenizer) <= 2**16 else np.uint32  # the largest id, not the number of tokens
+    if len(ds) == 0:  # map would not even add the column
+        return np.empty(0, dtype=dtype)
     encoded = ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names,
                      keep_in_memory=True, new_fingerprint=f"{ds._fingerprint}-{tokenizer_hash(tokenizer)}")
     ids = encoded.data.column("ids")
     flat = pc.list_flatten(ids).to_numpy()
     lengths = pc.list_value_length(ids).to_numpy()
-    dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
-    out = np.empty(len(flat) + len(lengths), dtype=dtype)
+    out = np.empty(len(flat) + len(lengths) - (not last_ends), dtype=dtype)
     eot_at = np.cumsum(lengths + 1) - 1  # each document is followed by EOT
     is_eot = np.zeros(len(out), dtype=bool)
-    is_eot[eot_at] = True
+    is_eot[eot_at[eot_at < len(out)]] = True
     out[is_eot] = tokenizer.token_to_id(EOT)
     out[~is_eot] = flat
     return out

@@ -125,7 +125,7 @@ def sample(cfg: SampleConfig, out: TextIO = sys.stdout) -> None:
     from minitx.checkpoint import load
     from minitx.generation import STATIC_KERNELS, CompiledDecoding, classify, fill_mask, generate
     from minitx.kernel_check import checked_kernel
-    from minitx.tokenizer import EOT, MASK, stream_decode, unknown_chars
+    from minitx.tokenizer import EOT, stream_decode, unknown_chars
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -136,7 +136,7 @@ def sample(cfg: SampleConfig, out: TextIO = sys.stdout) -> None:
             fail("attention", cfg.attention, reason)
         loaded.model.transformer.set_attention(cfg.attention)
     tokenizer = loaded.tokenizer
-    unknown = unknown_chars(tokenizer, cfg.prompt.replace(MASK, ""))
+    unknown = unknown_chars(tokenizer, cfg.prompt)
     if unknown:
         fail("prompt", cfg.prompt, f"characters the tokenizer has never seen: {unknown}")
     prompt = tokenizer.encode(cfg.prompt, add_special_tokens=False).ids or [tokenizer.token_to_id(EOT)]

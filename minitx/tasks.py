@@ -245,14 +245,18 @@ class CausalLM(Task):
         return derived
 
 
-def mask_tokens(x: torch.Tensor, generator: torch.Generator, mask_id: int, n_special: int, vocab_size: int,
+def mask_tokens(x: torch.Tensor, generator: torch.Generator, mask_id: int, special_ids: torch.Tensor, vocab_size: int,
                 p: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's masking: choose a fraction p of the non-special positions; 80% of them become [MASK], 10% a random
-    token, 10% stay as they are. Labels are the original tokens there and -100 (ignored) everywhere else."""
+    non-special token, 10% stay as they are. Labels are the original tokens there and -100 (ignored) everywhere else.
+    `special_ids` (distinct) are the special tokens' ids: a loaded tokenizer.json has them at its end, not at 0..5."""
     shape, device = x.shape, x.device
-    chosen = (torch.rand(shape, generator=generator, device=device) < p) & (x >= n_special)
+    ordinary = torch.ones(vocab_size, dtype=torch.bool, device=device)
+    ordinary[special_ids] = False
+    chosen = (torch.rand(shape, generator=generator, device=device) < p) & ordinary[x]
     action = torch.rand(shape, generator=generator, device=device)
-    random_tokens = torch.randint(n_special, vocab_size, shape, generator=generator, device=device)
+    nth = torch.randint(vocab_size - len(special_ids), shape, generator=generator, device=device)
+    random_tokens = torch.searchsorted(ordinary.cumsum(0), nth + 1)  # the nth non-special id (no host sync)
     inputs = torch.where(chosen & (action < 0.8), mask_id, x)
     inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_tokens, inputs)
     return inputs, torch.where(chosen, x, -100)
@@ -268,17 +272,19 @@ class MaskedLM(Task):
     VAL_SEED = 20260101
 
     def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig, tokenizer_json: str,
-                 mask_id: int, n_special: int, seed: int, majority_token: int, guard: GuardConfig | None = None,
+                 mask_id: int, special_ids: list[int], seed: int, majority_token: int, guard: GuardConfig | None = None,
                  run_config: dict[str, Any] | None = None, document_eot: int | None = None,
                  mlm_probability: float = 0.15):
         super().__init__(model_cfg, optim_cfg, trainer_cfg, tokenizer_json, guard, run_config)
-        self.mask_id, self.n_special, self.seed, self.majority_token = mask_id, n_special, seed, majority_token
+        self.mask_id, self.seed, self.majority_token = mask_id, seed, majority_token
+        # never masked, never drawn as replacements; a buffer to follow the model's device, not saved in checkpoints
+        self.register_buffer("special_ids", torch.tensor(sorted(set(special_ids)), dtype=torch.long), persistent=False)
         self.document_eot = document_eot
         self.mlm_probability = mlm_probability
         self.model = Encoder(model_cfg)
 
     def masked_loss(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-        inputs, labels = mask_tokens(x, generator, self.mask_id, self.n_special, self.model_cfg.vocab_size,
+        inputs, labels = mask_tokens(x, generator, self.mask_id, self.special_ids, self.model_cfg.vocab_size,
                                      self.mlm_probability)
         doc_ids = None if self.document_eot is None else (x == self.document_eot).cumsum(dim=1)
         hidden = self.model.transformer(inputs, doc_ids=doc_ids)

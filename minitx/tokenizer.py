@@ -7,6 +7,7 @@ separator and the unknown token have the same ids whatever the corpus.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -87,14 +88,28 @@ def tokenizer_hash(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
 
 
+def special_ids(tokenizer: Tokenizer) -> list[int]:
+    """Ids of the special tokens, wherever the tokenizer put them (a loaded tokenizer.json gets them appended)."""
+    return sorted(i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special)
+
+
+def id_limit(tokenizer: Tokenizer) -> int:
+    """Largest token id + 1: what an embedding table and a token dtype must hold (a tokenizer.json may skip ids)."""
+    return max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+
+
 def is_char_level(tokenizer: Tokenizer) -> bool:
     return isinstance(tokenizer.model, models.WordLevel) and isinstance(tokenizer.pre_tokenizer, pre_tokenizers.Split)
 
 
 def unknown_chars(tokenizer: Tokenizer, text: str) -> list[str]:
-    """Characters of `text` that a char-level tokenizer would turn into [UNK]."""
+    """Characters of `text` that a char-level tokenizer would turn into [UNK]; special tokens written whole
+    (<|endoftext|>, [MASK]) encode as themselves, so they are not characters to check."""
     if not is_char_level(tokenizer):
         return []
+    specials = sorted((t.content for t in tokenizer.get_added_tokens_decoder().values()), key=len, reverse=True)
+    if specials:  # longest first, so that no special token is cut by a shorter one inside it
+        text = re.sub("|".join(map(re.escape, specials)), "", text)
     vocab = tokenizer.get_vocab()
     return sorted({ch for ch in text if ch not in vocab})
 

@@ -164,12 +164,12 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     from minitx.memory import check_fits
     from minitx.tasks import CHECKPOINT_KEY, CausalLM, MaskedLM, SequenceClassifier
     from minitx.tokenizer import (
-        ENCODER_TOKENS,
         EOT,
         MASK,
         PAD,
-        SPECIAL_TOKENS,
+        id_limit,
         is_char_level,
+        special_ids,
         stream_decode,
     )
 
@@ -223,9 +223,10 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
         tokenizer = data.tokenizer
         description = data.description + " (token cache)" * data.from_cache
         sizes = f"{len(data.train):,} train / {len(data.val):,} val tokens"
-    vocab = tokenizer.get_vocab_size()
+    vocab = id_limit(tokenizer)  # the largest id + 1: a tokenizer.json may skip ids
     if config.model.vocab_size and config.model.vocab_size < vocab:
-        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {vocab}")
+        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's largest id + 1 "
+                          f"({vocab}); set model.vocab_size=0 to take it from the tokenizer")
     model_cfg = dataclasses.replace(config.model, vocab_size=config.model.vocab_size or vocab, attention=kernel)
     check_fits(model_cfg, model_cfg.vocab_size, **fits)  # with the vocabulary
     if init is not None:
@@ -242,7 +243,7 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
         datamodule = LabelledDataModule(data, config.data, tokenizer.token_to_id(PAD), config.seed)
     elif config.task == "masked_lm":
         majority = int(np.bincount(np.asarray(data.val.tokens)).argmax())
-        module = MaskedLM(*common, tokenizer.token_to_id(MASK), len(SPECIAL_TOKENS + ENCODER_TOKENS), config.seed,
+        module = MaskedLM(*common, tokenizer.token_to_id(MASK), special_ids(tokenizer), config.seed,
                           majority, config.guard, run_config, document_eot=eot,
                           mlm_probability=config.data.mlm_probability)
         datamodule = TokenDataModule(data, config.data, model_cfg.block_size, config.seed)

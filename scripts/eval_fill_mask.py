@@ -17,7 +17,7 @@ import torch
 
 import minitx
 from minitx.data import builtin_corpus_files
-from minitx.tokenizer import MASK
+from minitx.tokenizer import MASK, special_ids
 
 
 def main() -> None:
@@ -39,12 +39,12 @@ def main() -> None:
         text = text[int(len(text) * 0.9):]
     ids = np.asarray(tokenizer.encode(text, add_special_tokens=False).ids)
     rng = np.random.default_rng(args.seed)
-    n_special = 6
+    ordinary = ~np.isin(ids, special_ids(tokenizer))  # special ids sit wherever the tokenizer put them
     starts = rng.integers(0, len(ids) - block, size=args.n)
     offsets = rng.integers(0, block, size=args.n)  # where in its window each masked token sits
     windows = ids[starts[:, None] + np.arange(block)]
     truth = windows[np.arange(args.n), offsets]
-    keep = truth >= n_special
+    keep = ~np.isin(truth, special_ids(tokenizer))
     windows, offsets, truth = windows[keep], offsets[keep], truth[keep]
     inputs = torch.from_numpy(windows.copy())
     inputs[torch.arange(len(inputs)), torch.from_numpy(offsets)] = tokenizer.token_to_id(MASK)
@@ -58,7 +58,7 @@ def main() -> None:
             true = torch.from_numpy(truth[i : i + 64])[:, None]
             top1 += int((best[:, :1] == true).sum())
             top5 += int((best == true).any(dim=1).sum())
-    counts = np.bincount(ids[ids >= n_special])
+    counts = np.bincount(ids[ordinary])
     majority = counts.max() / counts.sum()
     n = len(inputs)
     print(f"{n} masked tokens of held-out text, one per {block}-token window")

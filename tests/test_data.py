@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_text
 
 from minitx.config import DataConfig, TokenizerConfig
 from minitx.data import DataError, FixedWindows, RandomWindows, prepare_data
@@ -28,7 +29,7 @@ def test_text_file_is_one_document_and_cache_is_reused(tmp_path: Path, text_file
     text = text_file.read_text()
     n = len(text) + 1  # one document + EOT
     assert len(first.train) + len(first.val) == n
-    assert len(first.val) == int(n * 0.1)  # held-out tail
+    assert len(first.val) == int(len(text) * 0.1) + 1  # held-out tail: the last 10% of the text, then EOT
     stream = np.concatenate([first.train.tokens, first.val.tokens])
     assert first.tokenizer.decode(stream[:-1].tolist()) == text
     assert stream[-1] == first.tokenizer.token_to_id(EOT)
@@ -147,3 +148,100 @@ def test_streaming_needs_a_limit() -> None:
 
     with pytest.raises(ConfigError, match=r"data\.max_documents=0: data\.streaming=true needs a limit"):
         DataConfig(path="x", streaming=True).validate()
+
+
+def test_directory_keeps_every_file_and_holds_out_only_validation_files(tmp_path: Path) -> None:
+    """File names do not pick splits (datasets' inference would keep train.py only and drop or test the rest)."""
+    src = tmp_path / "src"
+    (src / "tests").mkdir(parents=True)
+    names = ["train.py", "model.py", "data.py", "util.py", "eval_metrics.py", "tests/test_a.py"]
+    for i, name in enumerate(names):
+        (src / name).write_text(f"# file {name}\n" + make_text(40, seed=i))
+    data = prepare(tmp_path, path=str(src))
+    train_text = data.tokenizer.decode(data.train.tokens.tolist(), skip_special_tokens=False)
+    assert all(f"# file {name}\n" in train_text for name in names)
+
+    (src / "validation.py").write_text("# held out\n" + make_text(30, seed=9))
+    data = prepare(tmp_path, path=str(src))
+    assert data.tokenizer.decode(data.val.tokens[:-1].tolist()) == (src / "validation.py").read_text()
+    train_text = data.tokenizer.decode(data.train.tokens.tolist(), skip_special_tokens=False)
+    assert all(f"# file {name}\n" in train_text for name in names) and "# held out" not in train_text
+
+
+def test_tokenizer_never_sees_the_held_out_text(tmp_path: Path) -> None:
+    """The held-out slice (the corpus's end) is cut before the tokenizer is trained: characters and merges that occur
+    only there are not in the vocabulary."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(make_text(900) + "zebra Ω quux\n" * 100)  # the tail is well inside the last 10%
+    data = prepare(tmp_path, path=str(path))
+    vocab = data.tokenizer.get_vocab()
+    assert "Ω" not in vocab and "z" not in vocab
+    assert data.tokenizer.token_to_id("[UNK]") in data.val.tokens
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"), path=str(path))
+    bpe = prepare_data(cfg, TokenizerConfig(kind="bpe", vocab_size=500), min_tokens=17).tokenizer
+    assert not [t for t in bpe.get_vocab() if "eb" in t or "uu" in t]
+
+
+def test_single_document_is_cut_without_a_separator(tmp_path: Path, text_file: Path) -> None:
+    data = prepare(tmp_path, path=str(text_file))
+    text = text_file.read_text()
+    n_val = int(len(text) * 0.1)
+    assert len(data.val) == n_val + 1  # the last 10% of the characters and the closing EOT
+    assert data.tokenizer.decode(data.train.tokens.tolist(), skip_special_tokens=False) == text[:-n_val]
+
+
+def test_token_ids_above_uint16_keep_their_value(tmp_path: Path) -> None:
+    """dtype and vocabulary follow the largest id, not the number of tokens (70000 was stored as 4464)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    from minitx.tokenizer import id_limit
+
+    vocab = {"[UNK]": 0, **{c: i + 1 for i, c in enumerate("abcdefghijklmnopqrstuvwxy \n")}, "z": 70000}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "c.txt").write_text("abc z\n" * 300)
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"), path=str(tmp_path / "c.txt"))
+    data = prepare_data(cfg, TokenizerConfig(path=str(tmp_path / "tokenizer.json")), min_tokens=17)
+    assert id_limit(data.tokenizer) == 70001
+    assert data.train.tokens.dtype == np.uint32
+    assert data.train.tokens[4] == 70000 and 4464 not in data.train.tokens
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"c.txt": b""}, r"data\.path=.*c\.txt: c\.txt holds no text \(it is empty\); "),
+        ({"c.txt": b"\n\n  \t\n"}, r"c\.txt holds no text \(only whitespace\)"),
+        ({"c.jsonl": b""}, r"c\.jsonl holds no text \(it is empty\)"),
+        ({"c.csv": b""}, r"c\.csv holds no text \(it is empty\)"),
+        ({"c.txt": b"the cat\n" * 50 + b"caf\xe9\n"}, r"c\.txt is not UTF-8 text \(byte 0xe9 at offset 403\); convert"),
+        ({"c.jsonl": b'{"text": "the cat"}\n' * 30 + b'{"text": "caf\xe9"}\n'},  # the json reader does not check
+         r"c\.jsonl is not UTF-8 text \(byte 0xe9 at offset 613\)"),
+        ({"d/train.txt": b"the cat\n" * 50, "d/validation.txt": b""},
+         r"data\.path=.*d: the validation split \(validation\.txt\) holds no text \(it is empty\)"),
+    ],
+    ids=["empty", "whitespace", "empty-jsonl", "empty-csv", "latin1", "latin1-jsonl", "empty-validation"],
+)
+def test_files_without_text_are_refused_and_a_fixed_file_loads(tmp_path: Path, files: dict[str, bytes],
+                                                                message: str) -> None:
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    path = tmp_path / next(iter(files)).split("/")[0]
+    with pytest.raises(DataError, match=message):
+        prepare(tmp_path, path=str(path))
+    for name in files:  # fixed in place: nothing cached from the failed run gets in the way
+        text = make_text(200, seed=len(name))
+        (tmp_path / name).write_text("\n".join(json.dumps({"text": t}) for t in text.splitlines())
+                                     if name.endswith(".jsonl") else
+                                     "text\n" + text if name.endswith(".csv") else text)
+    data = prepare(tmp_path, path=str(path))
+    assert len(data.train) > 100 and len(data.val) > 17
+
+
+def test_a_streamed_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "c.txt"
+    path.write_bytes(b"the cat\n" * 50 + b"\xff")
+    with pytest.raises(DataError, match=r"c\.txt is not UTF-8 text \(byte 0xff at offset 400\)"):
+        prepare(tmp_path, path=str(path), streaming=True, max_documents=10)

@@ -29,7 +29,8 @@ ENCODER = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_
 @pytest.mark.parametrize("p", [0.15, 0.4])
 def test_masking_ratios_follow_bert(p: float) -> None:
     x = torch.randint(0, 100, (400, 256), generator=torch.Generator().manual_seed(0))
-    inputs, labels = mask_tokens(x, torch.Generator().manual_seed(1), mask_id=3, n_special=6, vocab_size=100, p=p)
+    inputs, labels = mask_tokens(x, torch.Generator().manual_seed(1), mask_id=3, special_ids=torch.arange(6),
+                                 vocab_size=100, p=p)
     chosen = labels != -100
     eligible = x >= 6
     assert not chosen[~eligible].any()  # special tokens are never masked
@@ -45,15 +46,37 @@ def test_masking_ratios_follow_bert(p: float) -> None:
     assert torch.equal(inputs[~chosen], x[~chosen])
 
 
+def test_masking_follows_the_tokenizers_special_ids(tmp_path: Path) -> None:
+    """With tokenizer.path= the special tokens come after the file's own ids: real tokens 0..5 are masked like any
+    other, special ones are never chosen and never drawn as the random replacement."""
+    from minitx.config import TokenizerConfig
+    from minitx.tokenizer import ENCODER_TOKENS, MASK, SPECIAL_TOKENS, build_tokenizer, train_bpe_tokenizer
+
+    path = tmp_path / "tokenizer.json"
+    train_bpe_tokenizer([make_text(200)], vocab_size=300, specials=[]).save(str(path))
+    tok = build_tokenizer(TokenizerConfig(path=str(path)), texts=[], encoder=True)
+    specials = torch.tensor([tok.token_to_id(t) for t in SPECIAL_TOKENS + ENCODER_TOKENS])
+    vocab = tok.get_vocab_size()
+    assert specials.min() > 6  # appended at the end
+    x = torch.randint(0, vocab, (200, 256), generator=torch.Generator().manual_seed(0))
+    mask_id = tok.token_to_id(MASK)
+    inputs, labels = mask_tokens(x, torch.Generator().manual_seed(1), mask_id, specials, vocab, p=0.5)
+    chosen = labels != -100
+    assert not chosen[torch.isin(x, specials)].any()
+    assert chosen[x < 6].float().mean() == pytest.approx(0.5, abs=0.05)
+    randomised = chosen & (inputs != x) & (inputs != mask_id)
+    assert randomised.sum() > 1000 and not torch.isin(inputs[randomised], specials).any()
+
+
 def test_mlm_loss_counts_only_masked_positions() -> None:
     from minitx.tasks import MaskedLM
 
     cfg = ModelConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=16).validate()
-    task = MaskedLM(cfg, OptimConfig(), TrainerConfig(max_steps=10), "{}", mask_id=3, n_special=6, seed=0,
-                    majority_token=6)
+    task = MaskedLM(cfg, OptimConfig(), TrainerConfig(max_steps=10), "{}", mask_id=3, special_ids=list(range(6)),
+                    seed=0, majority_token=6)
     x = torch.randint(6, 40, (4, 16), generator=torch.Generator().manual_seed(2))
     loss, _, _ = task.masked_loss(x, torch.Generator().manual_seed(5))
-    inputs, labels = mask_tokens(x, torch.Generator().manual_seed(5), 3, 6, 40)
+    inputs, labels = mask_tokens(x, torch.Generator().manual_seed(5), 3, torch.arange(6), 40)
     logits = task.model.mlm_logits(task.model(inputs))
     expected = F.cross_entropy(logits.view(-1, 40), labels.view(-1), ignore_index=-100)
     torch.testing.assert_close(loss, expected)

@@ -8,6 +8,7 @@ import pytest
 
 from minitx.config import ConfigError, TokenizerConfig
 from minitx.tokenizer import (
+    ENCODER_TOKENS,
     EOT,
     SPECIAL_TOKENS,
     build_tokenizer,
@@ -76,3 +77,22 @@ def test_bad_tokenizer_path(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"not a tokenizer\.json"):
         build_tokenizer(TokenizerConfig(path=str(tmp_path / "bad.json")), texts=[])
+
+
+def test_special_tokens_in_a_prompt_are_not_unknown_characters() -> None:
+    tok = train_char_tokenizer(["the cat"], SPECIAL_TOKENS + ENCODER_TOKENS)
+    assert unknown_chars(tok, "<|endoftext|>the [MASK] cat[SEP]") == []
+    assert unknown_chars(tok, "<|endoftext|>thez<|") == ["<", "z", "|"]  # half a special token is characters
+    assert tok.encode("<|endoftext|>the").ids == [tok.token_to_id(EOT), *tok.encode("the").ids]
+
+
+def test_special_ids_of_a_tokenizer_json_are_where_it_put_them(tmp_path: Path) -> None:
+    """A tokenizer.json without minitx's special tokens gets them appended after its own ids."""
+    from minitx.tokenizer import special_ids
+
+    path = tmp_path / "tokenizer.json"
+    train_bpe_tokenizer(["hello world " * 100], vocab_size=270, specials=[]).save(str(path))
+    tok = build_tokenizer(TokenizerConfig(path=str(path)), texts=[], encoder=True)
+    own = train_bpe_tokenizer(["hello world " * 100], vocab_size=270, specials=[]).get_vocab_size()
+    assert special_ids(tok) == list(range(own, own + 6))
+    assert special_ids(train_char_tokenizer(["ab"])) == [0, 1]

@@ -6,6 +6,7 @@ import contextlib
 import csv
 import io
 import os
+import random
 import re
 import subprocess
 from collections.abc import Callable, Iterator
@@ -217,6 +218,29 @@ def test_sample_refuses_non_checkpoints(tmp_path: Path, trained: Path, capsys: p
         assert message in capsys.readouterr().err
 
 
+def test_special_tokens_in_a_prompt_are_allowed(trained: Path) -> None:
+    ckpt = f"ckpt={trained / 'checkpoints' / 'best.ckpt'}"
+    text = sample_text(ckpt, "prompt=<|endoftext|>the ", "max_new_tokens=5", "temperature=0")
+    assert text.startswith("<|endoftext|>the ") and len(text) == len("<|endoftext|>the ") + 5 + 1
+
+
+def test_vocab_size_is_the_largest_token_id_plus_one(tmp_path: Path) -> None:
+    """A tokenizer.json whose ids have gaps: the embedding table must reach its largest id."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    chars = sorted(set(make_text(500)))
+    vocab = {"[UNK]": 0, **{c: i + 1 for i, c in enumerate(chars[:-1])}, chars[-1]: 70000}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "corpus.txt").write_text(make_text(500))
+    train(parse_config(compose_config(*TINY, f"data.path={tmp_path / 'corpus.txt'}", "logger=none",
+                                      f"tokenizer.path={tmp_path / 'tokenizer.json'}", "trainer.max_steps=2",
+                                      "trainer.val_check_interval=2", "optim.warmup_steps=1", "data.val_batches=1",
+                                      "sample.max_new_tokens=0")), tmp_path / "run")
+    assert minitx.load(tmp_path / "run" / "checkpoints" / "last.ckpt").config.vocab_size == 70001
+
+
 class _RunsCode:
     def __reduce__(self) -> tuple:
         return (os.system, ("touch pwned",))
@@ -248,6 +272,8 @@ def test_checkpoint_whose_pickle_runs_code_is_refused(tmp_path: Path, monkeypatc
         (["checkpoint.every_n_steps=0"], "checkpoint.every_n_steps=0: must be > 0"),
         (["data.mlm_probability=1.5"], "data.mlm_probability=1.5: must be in (0, 1); BERT uses 0.15"),
         (["tokenizer.path=missing.json"], "tokenizer.path='missing.json': no such file"),
+        (["seed=-1"], "seed=-1: must be in [0, 2**32)"),
+        (["seed=4294967296"], "seed=4294967296: must be in [0, 2**32)"),
         pytest.param(["trainer.precision=16-mixed"], "trainer.precision='16-mixed': float16 needs a GPU",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only check")),
         pytest.param(["trainer.accelerator=gpu"], "trainer.accelerator='gpu': no CUDA GPU here",
@@ -345,11 +371,22 @@ def test_command_line_train_then_sample(tmp_path: Path) -> None:
         (["model.n_embd=130", "model.n_head=4"], "error: model.n_embd=130 is not divisible by model.n_head=4"),
         (["data.path=missing.txt"], "error: data.path='missing.txt': no such file or directory"),
         (["data.path=short.txt"], "error: data.path=short.txt: the training split has"),
+        (["data.path=empty.txt"], "error: data.path=empty.txt: empty.txt holds no text (it is empty); "),
+        (["data.path=blank.txt"], "error: data.path=blank.txt: blank.txt holds no text (only whitespace); "),
+        (["data.path=binary.txt"], "error: data.path=binary.txt: binary.txt is not UTF-8 text (byte 0x"),
+        (["data.path=split"], "error: data.path=split: the validation split (validation.txt) holds no text"),
+        (["seed=-1"], "error: seed=-1: must be in [0, 2**32)"),
         (["hydra.run.dir=/proc/minitx/run"], "error: hydra.run.dir=/proc/minitx/run: cannot create the output"),
     ],
 )
 def test_command_line_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "short.txt").write_text("too short")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("\n \n\t\n")
+    (tmp_path / "binary.txt").write_bytes(bytes(random.Random(0).randrange(256) for _ in range(4000)))
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split" / "train.txt").write_text(make_text(500))
+    (tmp_path / "split" / "validation.txt").write_text("")
     result = run_cli("minitx-train", "logger=none", f"hydra.run.dir={tmp_path / 'run'}", *args, cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
