@@ -86,11 +86,14 @@ def mismatch(kernel: str, case: AttentionCase, trials: int = TRIALS) -> str | No
 
 
 def _mismatch_once(kernel: str, case: AttentionCase, trial: int) -> str | None:
-    q, k, v, mask = case.inputs(trial)
+    # Evaluation and sampling run under inference_mode, on tensors made there; training on tensors that need
+    # gradients. A compiled kernel is compiled anew for each such state (and layout), and each compilation can be
+    # right or wrong on its own: the check must run the one the run will.
+    mode = contextlib.nullcontext() if case.backward else torch.inference_mode()
+    with mode:
+        q, k, v, mask = case.inputs(trial)
     if case.backward:
         q, k, v = (t.requires_grad_() for t in (q, k, v))
-    # evaluation and sampling run under inference_mode, and a compiled kernel is compiled for the grad mode it runs in
-    mode = contextlib.nullcontext() if case.backward else torch.inference_mode()
     try:
         with mode:
             out = attend(kernel, q, k, v, mask, 0.0, case.sdpa_backend)

@@ -61,7 +61,13 @@ def run_kernel(kernel: str, variant: str, q: torch.Tensor, k: torch.Tensor, v: t
             if "No available kernel" in str(e) or "No viable backend" in str(e):
                 pytest.skip(f"sdpa backend {variant!r} cannot run this case on {DEVICE}: {str(e).splitlines()[0][:90]}")
             raise
-    return KERNELS[kernel](q, k, v, mask, 0.0)
+    if q.requires_grad:
+        return KERNELS[kernel](q, k, v, mask, 0.0)
+    # as minitx runs a kernel to evaluate or sample: under inference_mode, on tensors made there (compiled flex is
+    # compiled anew for each grad mode and kind of tensor, and each compilation is right or wrong on its own)
+    with torch.inference_mode():
+        q, k, v = (t.clone() for t in (q, k, v)) if kernel == "flex" else (q, k, v)
+        return KERNELS[kernel](q, k, v, mask, 0.0)
 
 
 def assert_close_or_caught(kernel: str, got: torch.Tensor, want: torch.Tensor, atol: float,
