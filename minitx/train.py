@@ -80,10 +80,15 @@ def resume_checkpoint(resume: str) -> Path:
     return path
 
 
+# how the model runs, not what it is: a resumed run may choose these afresh (attention=auto may resolve differently)
+RUNTIME_KEYS = ("attention", "sdpa_backend", "compile")
+
+
 def check_same_run(meta: dict[str, Any], model_cfg: ModelConfig, tokenizer_json: str | None, resume: str) -> None:
     """A resumed run must rebuild the checkpoint's model and tokenizer exactly. Without the tokenizer (before the
     data is read) the vocabulary size is checked only if it is set explicitly."""
-    keys = [k for k in meta["model"] if not (k == "vocab_size" and model_cfg.vocab_size == 0)]
+    keys = [k for k in meta["model"]
+            if k not in RUNTIME_KEYS and not (k == "vocab_size" and model_cfg.vocab_size == 0)]
     require_same_model(meta["model"], model_cfg, keys, f"the checkpoint in resume={resume!r}",
                        "resume with the same settings")
     if tokenizer_json is not None and meta["tokenizer"] != tokenizer_json:
