@@ -172,6 +172,11 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     resume_meta = resume_state[CHECKPOINT_KEY] if resume_state else None
     if resume_meta is not None:
         check_same_run(resume_meta, config.model, None, str(config.resume))
+        done = int(resume_state.get("global_step", 0))
+        if done >= config.trainer.max_steps:  # Lightning would return at once, with no evaluation to report
+            raise ConfigError(f"resume={config.resume!r}: the run is finished at step {done} (trainer.max_steps="
+                              f"{config.trainer.max_steps}); to train further, resume with trainer.max_steps above "
+                              f"{done}")
     ckpt_dir = resume.parent if resume else out_dir / "checkpoints"  # a resumed run keeps writing where it was
     for folder in (out_dir, ckpt_dir):
         folder.mkdir(parents=True, exist_ok=True)
