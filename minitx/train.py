@@ -254,8 +254,9 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
         plugins=[AtomicCheckpointIO()],
         default_root_dir=out_dir,
         check_val_every_n_epoch=None,  # validate every val_check_interval batches of the endless stream
-        # a full evaluation before step 1 gives the initial val/loss; a resumed run has had it
-        num_sanity_val_steps=0 if resume else config.data.val_batches,
+        # a full evaluation (every batch) before step 1 gives the initial val/loss; a resumed run has had it
+        num_sanity_val_steps=0 if resume else -1,
+        use_distributed_sampler=False,  # the data modules shard validation themselves (no repeated batches)
         enable_model_summary=False,
         profiler=NoProfiler(),
     )
