@@ -121,10 +121,11 @@ def test_masked_lm_trains_with_a_small_mask_probability(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["causal_lm", "masked_lm"])
+@pytest.mark.parametrize("task", ["causal_lm", "masked_lm", "classify"])
 def test_two_rank_validation_equals_one_rank(tmp_path: Path, task: str) -> None:
-    """5 validation batches on 2 gloo processes: each rank evaluates its own batches (none repeated), masks come
-    from the global batch index, and sums and counts are reduced before dividing."""
+    """5 validation batches (classify: 33 rows, batches of 32 and 1) on 2 gloo processes: each rank evaluates its
+    own batches (none repeated), masks come from the global batch index, and sums and counts are reduced before
+    dividing."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(make_text(600))
     base = [*ENCODER, f"data.path={corpus}", "data.batch_size=4", "data.val_batches=5", "trainer.max_steps=2",
@@ -132,6 +133,10 @@ def test_two_rank_validation_equals_one_rank(tmp_path: Path, task: str) -> None:
             "optim.warmup_steps=1"]
     if task == "masked_lm":
         base.insert(0, "experiment=mlm")
+    if task == "classify":
+        rows = tmp_path / "reviews.jsonl"
+        rows.write_text("\n".join(json.dumps(r) for r in labelled_rows(330)))
+        base = ["experiment=classify", *base, f"data.path={rows}", "data.batch_size=32"]
     runs = {}
     for devices in (1, 2):
         run_dir = tmp_path / f"devices{devices}"
