@@ -340,13 +340,13 @@ class FixedWindows(Dataset):
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 
-def val_share(n_batches: int, trainer: L.Trainer | None, fix: str) -> list[int]:
+def val_share(n_batches: int, trainer: L.Trainer | None, setting: str, fix: str) -> list[int]:
     """This process's validation batches: every world_size-th one from its rank, so that the processes evaluate
     each batch once (a DistributedSampler pads by repeating some). Batch k of the share is global batch
-    rank + k * world_size (global_batch_index). `fix` says how to get more batches, for the error."""
+    rank + k * world_size (global_batch_index). `setting` and `fix` name the key to change, for the error."""
     rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
     if n_batches < world:
-        raise DataError(f"{n_batches} validation batch(es) for {world} processes: every process needs one; {fix}")
+        raise DataError(f"{setting}: {n_batches} validation batch(es) for {world} processes, each needs one; {fix}")
     return list(range(rank, n_batches, world))
 
 
@@ -377,7 +377,8 @@ class TokenDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         windows = FixedWindows(self.data.val, self.block_size, self.cfg.batch_size, self.cfg.val_batches)
-        share = val_share(len(windows), self.trainer, "raise data.val_batches")
+        share = val_share(len(windows), self.trainer, f"data.val_batches={self.cfg.val_batches}",
+                          "set it to at least the number of processes")
         return DataLoader(Subset(windows, share), batch_size=None, pin_memory=torch.cuda.is_available())
 
 
@@ -490,7 +491,8 @@ class LabelledDataModule(L.LightningDataModule):
         """Every validation row, in order, in fixed batches (this process's share of them)."""
         size, data = self.cfg.batch_size, self.data
         starts = range(0, len(data.val), size)
-        share = val_share(len(starts), self.trainer, "lower data.batch_size or add validation rows")
+        share = val_share(len(starts), self.trainer, f"data.batch_size={size}",
+                          f"lower it so that the {len(data.val)} validation rows make a batch per process")
         batches = [pad_batch(data.val[i : i + size], data.val_labels[i : i + size], self.pad_id)
                    for i in (starts[k] for k in share)]
         return DataLoader(batches, batch_size=None)
