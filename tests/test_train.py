@@ -295,7 +295,8 @@ def test_resume_refuses_what_does_not_match(trained: Path, tmp_path: Path) -> No
         ([f"resume={truncated}"], "truncated or corrupt checkpoint"),
         ([f"resume={trained}", "model.n_layer=3"], "model.n_layer=3 but the checkpoint in resume="),
         ([f"resume={trained}", "model.block_size=64"], "model.block_size=64 but the checkpoint"),
-        ([f"resume={trained}", f"data.path={other}"], "the tokenizer built from this data/tokenizer config differs"),
+        ([f"resume={trained}", f"data.path={other}", "trainer.max_steps=300"],  # (150: the run is finished)
+         "the tokenizer built from this data/tokenizer config differs"),
     ]:
         with pytest.raises(MinitxError, match=re.escape(message)):
             train(parse_config(compose_config(*base, *overrides)), tmp_path / "out")
