@@ -201,6 +201,11 @@ class TrainerConfig:
         self._check_device()
         if self.gradient_clip_val < 0:
             fail("trainer.gradient_clip_val", self.gradient_clip_val, "must be >= 0 (0 disables clipping)")
+        if self.val_check_interval % self.accumulate_grad_batches:  # a checkpoint there would lose the gradients
+            n, every = self.accumulate_grad_batches, self.val_check_interval
+            raise ConfigError(f"trainer.val_check_interval={every} is not a multiple of trainer.accumulate_grad_batches"
+                              f"={n}: evaluations (and their checkpoints) would fall inside an accumulation window; "
+                              f"set trainer.val_check_interval={-(-every // n) * n}")
         return self
 
     def _check_device(self) -> None:

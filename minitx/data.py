@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from minitx.config import DataConfig, MinitxError, TokenizerConfig
 from minitx.tokenizer import EOT, build_tokenizer, id_limit, tokenizer_hash, tokenizer_spec
@@ -482,6 +482,21 @@ class FixedWindows(Dataset):
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 
+def val_share(n_batches: int, trainer: L.Trainer | None, setting: str, fix: str) -> list[int]:
+    """This process's validation batches: every world_size-th one from its rank, so that the processes evaluate
+    each batch once (a DistributedSampler pads by repeating some). Batch k of the share is global batch
+    rank + k * world_size (global_batch_index). `setting` and `fix` name the key to change, for the error."""
+    rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    if n_batches < world:
+        raise DataError(f"{setting}: {n_batches} validation batch(es) for {world} processes, each needs one; {fix}")
+    return list(range(rank, n_batches, world))
+
+
+def global_batch_index(batch_idx: int, trainer: L.Trainer) -> int:
+    """The index in the whole validation set of this process's `batch_idx`-th batch (see val_share)."""
+    return trainer.global_rank + batch_idx * trainer.world_size
+
+
 def stream_position(trainer: L.Trainer | None) -> tuple[int, int]:
     """(rank, first batch to draw): train_dataloader runs after a checkpoint is restored, so a resumed run starts at
     the batch after its last one."""
@@ -504,7 +519,9 @@ class TokenDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         windows = FixedWindows(self.data.val, self.block_size, self.cfg.batch_size, self.cfg.val_batches)
-        return DataLoader(windows, batch_size=None, pin_memory=torch.cuda.is_available())
+        share = val_share(len(windows), self.trainer, f"data.val_batches={self.cfg.val_batches}",
+                          "set it to at least the number of processes")
+        return DataLoader(Subset(windows, share), batch_size=None, pin_memory=torch.cuda.is_available())
 
 
 @dataclass
@@ -613,8 +630,11 @@ class LabelledDataModule(L.LightningDataModule):
         return DataLoader(rows, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        """Every validation row, in order, in fixed batches."""
+        """Every validation row, in order, in fixed batches (this process's share of them)."""
         size, data = self.cfg.batch_size, self.data
+        starts = range(0, len(data.val), size)
+        share = val_share(len(starts), self.trainer, f"data.batch_size={size}",
+                          f"lower it so that the {len(data.val)} validation rows make a batch per process")
         batches = [pad_batch(data.val[i : i + size], data.val_labels[i : i + size], self.pad_id)
-                   for i in range(0, len(data.val), size)]
+                   for i in (starts[k] for k in share)]
         return DataLoader(batches, batch_size=None)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from minitx.callbacks import write
 from minitx.config import GuardConfig, MinitxError, ModelConfig, OptimConfig, TrainerConfig
+from minitx.data import global_batch_index
 from minitx.model import GPT, Encoder
 
 log = logging.getLogger("minitx")
@@ -75,7 +76,7 @@ class Task(L.LightningModule):
         self.batches_seen = 0  # training batches drawn so far: where the data stream resumes
         self.skipped_steps = 0
         self.initial_val_loss: float | None = None
-        self._val_metrics: list[dict[str, torch.Tensor]] = []
+        self._val_sums: list[dict[str, torch.Tensor]] = []  # per validation batch: name -> [sum, count]
         self._rng_to_restore: dict[str, Any] | None = None
 
     model: torch.nn.Module
@@ -89,11 +90,15 @@ class Task(L.LightningModule):
     def train_loss(self, batch: Any) -> torch.Tensor:
         raise NotImplementedError
 
-    def val_metrics(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        """Per-batch validation numbers, averaged over the fixed batches; must include "loss"."""
+    def val_metrics(self, batch: Any, batch_idx: int) -> dict[str, tuple[torch.Tensor, int]]:
+        """Per-batch validation (sum, count) pairs, e.g. the loss summed over the batch's targets and their number;
+        must include "loss". `batch_idx` is the batch's index in the whole validation set. The logged number is
+        the sum over every batch of every process divided by the count: batches of unequal size weigh what they
+        hold."""
         raise NotImplementedError
 
     def derived_metrics(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Numbers computed from the reduced means (val/ppl from val/loss)."""
         return {}
 
     def checkpoint_extras(self) -> dict[str, Any]:
@@ -157,14 +162,21 @@ class Task(L.LightningModule):
         )
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._val_metrics.append({k: v.detach() for k, v in self.val_metrics(batch, batch_idx).items()})
+        pairs = self.val_metrics(batch, global_batch_index(batch_idx, self.trainer))
+        self._val_sums.append({k: torch.stack([total.detach().float(), torch.as_tensor(count, dtype=torch.float32,
+                                                                                       device=total.device)])
+                               for k, (total, count) in pairs.items()})
 
     def on_validation_epoch_end(self) -> None:
-        means = {k: torch.stack([m[k] for m in self._val_metrics]).mean() for k in self._val_metrics[0]}
-        self._val_metrics.clear()
-        means |= self.derived_metrics(means)
-        metrics = {f"val/{k}": self.trainer.strategy.reduce(v, reduce_op="mean") for k, v in means.items()}
-        self.log_dict(metrics, logger=False, sync_dist=True)  # for the checkpoint callbacks (already averaged)
+        """Sums and counts over every batch and every process, divided once; derived numbers after that."""
+        names = list(self._val_sums[0])
+        wide = torch.float32 if self.device.type == "mps" else torch.float64  # (MPS has no float64)
+        totals = torch.stack([torch.stack([batch[k] for k in names]) for batch in self._val_sums]).to(wide).sum(0)
+        self._val_sums.clear()
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")  # (names, [sum, count])
+        means = {k: (totals[i, 0] / totals[i, 1]).float() for i, k in enumerate(names)}
+        metrics = {f"val/{k}": v for k, v in (means | self.derived_metrics(means)).items()}
+        self.log_dict(metrics, logger=False, sync_dist=True)  # for the checkpoint callbacks (the same on every rank)
         step = 0 if self.trainer.sanity_checking else self.trainer.global_step  # the sanity pass: the step-0 eval
         numbers = {k: float(v) for k, v in metrics.items()}
         write(self.loggers, numbers, step)  # at the optimizer step, as TrainingMetrics does
@@ -235,8 +247,10 @@ class CausalLM(Task):
         x, y = batch
         return self.model(x, y, self.doc_ids(x))[1]
 
-    def val_metrics(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        return {"loss": self.train_loss(batch)}
+    def val_metrics(self, batch: tuple[torch.Tensor, torch.Tensor],
+                    batch_idx: int) -> dict[str, tuple[torch.Tensor, int]]:
+        n = batch[1].numel()
+        return {"loss": (self.train_loss(batch) * n, n)}
 
     def derived_metrics(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         derived = {"ppl": means["loss"].exp()}
@@ -253,10 +267,17 @@ def mask_tokens(x: torch.Tensor, generator: torch.Generator, mask_id: int, speci
     shape, device = x.shape, x.device
     ordinary = torch.ones(vocab_size, dtype=torch.bool, device=device)
     ordinary[special_ids] = False
-    chosen = (torch.rand(shape, generator=generator, device=device) < p) & ordinary[x]
+    eligible = ordinary[x]
+    chosen = (torch.rand(shape, generator=generator, device=device) < p) & eligible
     action = torch.rand(shape, generator=generator, device=device)
     nth = torch.randint(vocab_size - len(special_ids), shape, generator=generator, device=device)
     random_tokens = torch.searchsorted(ordinary.cumsum(0), nth + 1)  # the nth non-special id (no host sync)
+    # a batch with no chosen position has no loss (0/0): choose one eligible position then (drawn last, so the
+    # masks of every other batch stay as they were; no host sync)
+    pick = (torch.rand(shape, generator=generator, device=device) * eligible).flatten().argmax()
+    fallback = torch.zeros(shape.numel(), dtype=torch.bool, device=device)
+    fallback[pick] = eligible.flatten()[pick] & ~chosen.any()
+    chosen = chosen | fallback.view(shape)
     inputs = torch.where(chosen & (action < 0.8), mask_id, x)
     inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_tokens, inputs)
     return inputs, torch.where(chosen, x, -100)
@@ -290,17 +311,20 @@ class MaskedLM(Task):
         hidden = self.model.transformer(inputs, doc_ids=doc_ids)
         chosen = labels != -100
         logits = self.model.mlm_logits(hidden[chosen])  # only masked positions go through the head and the loss
-        return F.cross_entropy(logits, labels[chosen]), logits, labels[chosen]
+        targets = labels[chosen]  # (no position chosen only when none can be: then 0, not NaN)
+        return F.cross_entropy(logits, targets, reduction="sum") / max(targets.numel(), 1), logits, targets
 
     def train_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         generator = torch.Generator(device=batch[0].device).manual_seed(self.seed * 1_000_003 + self.batches_seen)
         return self.masked_loss(batch[0], generator)[0]
 
-    def val_metrics(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+    def val_metrics(self, batch: tuple[torch.Tensor, torch.Tensor],
+                    batch_idx: int) -> dict[str, tuple[torch.Tensor, int]]:
         generator = torch.Generator(device=batch[0].device).manual_seed(self.VAL_SEED + batch_idx)
         loss, logits, labels = self.masked_loss(batch[0], generator)
-        return {"loss": loss, "mlm_acc": (logits.argmax(-1) == labels).float().mean(),
-                "majority_acc": (labels == self.majority_token).float().mean()}
+        n = labels.numel()  # masked positions
+        return {"loss": (loss * n, n), "mlm_acc": ((logits.argmax(-1) == labels).sum(), n),
+                "majority_acc": ((labels == self.majority_token).sum(), n)}
 
 
 class SequenceClassifier(Task):
@@ -325,9 +349,10 @@ class SequenceClassifier(Task):
         return self.logits_and_loss(batch)[1]
 
     def val_metrics(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                    batch_idx: int) -> dict[str, torch.Tensor]:
+                    batch_idx: int) -> dict[str, tuple[torch.Tensor, int]]:
         logits, loss = self.logits_and_loss(batch)
-        return {"loss": loss, "acc": (logits.argmax(-1) == batch[2]).float().mean()}
+        n = len(batch[2])  # rows
+        return {"loss": (loss * n, n), "acc": ((logits.argmax(-1) == batch[2]).sum(), n)}
 
     def checkpoint_extras(self) -> dict[str, Any]:
         return {"labels": self.labels, "pooling": self.pooling}

@@ -80,10 +80,15 @@ def resume_checkpoint(resume: str) -> Path:
     return path
 
 
+# how the model runs, not what it is: a resumed run may choose these afresh (attention=auto may resolve differently)
+RUNTIME_KEYS = ("attention", "sdpa_backend", "compile")
+
+
 def check_same_run(meta: dict[str, Any], model_cfg: ModelConfig, tokenizer_json: str | None, resume: str) -> None:
     """A resumed run must rebuild the checkpoint's model and tokenizer exactly. Without the tokenizer (before the
     data is read) the vocabulary size is checked only if it is set explicitly."""
-    keys = [k for k in meta["model"] if not (k == "vocab_size" and model_cfg.vocab_size == 0)]
+    keys = [k for k in meta["model"]
+            if k not in RUNTIME_KEYS and not (k == "vocab_size" and model_cfg.vocab_size == 0)]
     require_same_model(meta["model"], model_cfg, keys, f"the checkpoint in resume={resume!r}",
                        "resume with the same settings")
     if tokenizer_json is not None and meta["tokenizer"] != tokenizer_json:
@@ -182,6 +187,11 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     resume_meta = resume_state[CHECKPOINT_KEY] if resume_state else None
     if resume_meta is not None:
         check_same_run(resume_meta, config.model, None, str(config.resume))
+        done = int(resume_state.get("global_step", 0))
+        if done >= config.trainer.max_steps:  # Lightning would return at once, with no evaluation to report
+            raise ConfigError(f"resume={config.resume!r}: the run is finished at step {done} (trainer.max_steps="
+                              f"{config.trainer.max_steps}); to train further, resume with trainer.max_steps above "
+                              f"{done}")
     ckpt_dir = resume.parent if resume else out_dir / "checkpoints"  # a resumed run keeps writing where it was
     for folder in (out_dir, ckpt_dir):
         folder.mkdir(parents=True, exist_ok=True)
@@ -271,8 +281,9 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
         plugins=[AtomicCheckpointIO()],
         default_root_dir=out_dir,
         check_val_every_n_epoch=None,  # validate every val_check_interval batches of the endless stream
-        # a full evaluation before step 1 gives the initial val/loss; a resumed run has had it
-        num_sanity_val_steps=0 if resume else config.data.val_batches,
+        # a full evaluation (every batch) before step 1 gives the initial val/loss; a resumed run has had it
+        num_sanity_val_steps=0 if resume else -1,
+        use_distributed_sampler=False,  # the data modules shard validation themselves (no repeated batches)
         enable_model_summary=False,
         profiler=NoProfiler(),
     )

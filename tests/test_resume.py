@@ -4,6 +4,7 @@ whole; a non-finite loss or gradient stops the run (or skips the step) with the 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from test_train import compose_config, run_cli
 import minitx
 from minitx.checkpoint import read_checkpoint
 from minitx.tasks import NonFiniteError
-from minitx.train import parse_config, train
+from minitx.train import check_same_run, parse_config, train
 
 RUN = [
     "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.dropout=0.1",
@@ -81,14 +82,20 @@ def corpus(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_training_straight(tmp_path: Path, corpus: Path) -> None:
-    overrides = [*RUN, f"data.path={corpus}"]
+@pytest.mark.parametrize(
+    ("accumulate", "val_check_interval", "last_saved"),
+    [(1, 15, 20), (2, 16, 24)],  # with 2: evaluations (and their checkpoints) at steps 8, 16, 24; periodic at 10, 20
+)
+def test_sigkill_then_resume_equals_training_straight(tmp_path: Path, corpus: Path, accumulate: int,
+                                                       val_check_interval: int, last_saved: int) -> None:
+    overrides = [*RUN, f"data.path={corpus}", f"trainer.accumulate_grad_batches={accumulate}",
+                 f"trainer.val_check_interval={val_check_interval}"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     train(parse_config(compose_config(*overrides)), straight)
 
     result = run_child(tmp_path, "kill-at-step", 25, killed, *overrides)
     assert result.returncode == -9, result.stderr[-2000:]  # SIGKILL: no clean-up ran
-    assert read_checkpoint(killed / "checkpoints" / "last.ckpt")["global_step"] == 20
+    assert read_checkpoint(killed / "checkpoints" / "last.ckpt")["global_step"] == last_saved
     assert sorted(p.name for p in (killed / "checkpoints").glob("step-*")) == ["step-000010.ckpt", "step-000020.ckpt"]
 
     result = run_cli("minitx-train", *overrides, f"resume={killed}", f"hydra.run.dir={tmp_path / 'resumed'}",
@@ -219,3 +226,29 @@ def test_checkpoint_from_automatic_optimization_resumes_at_its_step(tmp_path: Pa
     train(parse_config(compose_config(*overrides, f"resume={old}", "trainer.max_steps=30")), tmp_path / "resumed")
     last = read_checkpoint(tmp_path / "last.ckpt")  # a resumed run writes beside the checkpoint it came from
     assert last["global_step"] == 30 and last["minitx"]["batches_seen"] == 30  # 20 more steps, not 30
+
+
+@pytest.mark.slow
+def test_resume_accepts_how_the_model_runs_and_a_finished_run_says_so(tmp_path: Path, corpus: Path) -> None:
+    """The kernel (attention=auto included), sdpa_backend and compile are how the model runs, not what it is:
+    a resume may change them. Resuming a run that has reached trainer.max_steps is one line, exit status 2."""
+    overrides = [*RUN, f"data.path={corpus}", "trainer.max_steps=10", "model.attention=auto"]
+    run = tmp_path / "run"
+    train(parse_config(compose_config(*overrides)), run)
+    train(parse_config(compose_config(*overrides, f"resume={run}", "trainer.max_steps=15")), tmp_path / "auto")
+    train(parse_config(compose_config(*overrides, f"resume={run}", "trainer.max_steps=20", "model.attention=naive")),
+          tmp_path / "naive")
+    checkpoint = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 20
+    model = parse_config(compose_config(*overrides)).model
+    for change in ({"compile": True}, {"sdpa_backend": "math"}, {"attention": "naive"}):
+        check_same_run(checkpoint["minitx"], dataclasses.replace(model, **change), None, str(run))
+
+    for max_steps in (20, 12):
+        result = run_cli("minitx-train", *overrides, f"resume={run}", f"trainer.max_steps={max_steps}",
+                         f"hydra.run.dir={tmp_path / f'finished{max_steps}'}", cwd=tmp_path)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"error: resume={str(run)!r}: the run is finished at step 20 (trainer.max_steps={max_steps}); "
+            "to train further, resume with trainer.max_steps above 20")

@@ -270,6 +270,8 @@ def test_checkpoint_whose_pickle_runs_code_is_refused(tmp_path: Path, monkeypatc
         (["+model.n_layr=3"], "model.n_layr: unknown key"),
         (["guard.on_nonfinite=skip", "trainer.devices=2"], "guard.on_nonfinite='skip': skipping a step is for"),
         (["checkpoint.every_n_steps=0"], "checkpoint.every_n_steps=0: must be > 0"),
+        (["trainer.accumulate_grad_batches=4"], "trainer.val_check_interval=250 is not a multiple of "
+                                                "trainer.accumulate_grad_batches=4: evaluations"),
         (["data.mlm_probability=1.5"], "data.mlm_probability=1.5: must be in (0, 1); BERT uses 0.15"),
         (["tokenizer.path=missing.json"], "tokenizer.path='missing.json': no such file"),
         (["seed=-1"], "seed=-1: must be in [0, 2**32)"),
@@ -334,7 +336,8 @@ def test_resume_refuses_what_does_not_match(trained: Path, tmp_path: Path) -> No
         ([f"resume={truncated}"], "truncated or corrupt checkpoint"),
         ([f"resume={trained}", "model.n_layer=3"], "model.n_layer=3 but the checkpoint in resume="),
         ([f"resume={trained}", "model.block_size=64"], "model.block_size=64 but the checkpoint"),
-        ([f"resume={trained}", f"data.path={other}"], "the tokenizer built from this data/tokenizer config differs"),
+        ([f"resume={trained}", f"data.path={other}", "trainer.max_steps=300"],  # (150: the run is finished)
+         "the tokenizer built from this data/tokenizer config differs"),
     ]:
         with pytest.raises(MinitxError, match=re.escape(message)):
             train(parse_config(compose_config(*base, *overrides)), tmp_path / "out")
@@ -471,7 +474,7 @@ def test_training_step_equals_a_plain_loop(tmp_path: Path) -> None:
     config = parse_config(compose_config(
         *TINY, f"data.path={corpus}", "logger=none", "trainer.max_steps=6", "trainer.accumulate_grad_batches=3",
         "trainer.gradient_clip_val=0.05", "optim.warmup_steps=2", "data.batch_size=4", "sample.max_new_tokens=0",
-        "trainer.val_check_interval=4"))  # evaluations land inside accumulation windows too
+        "trainer.val_check_interval=6"))  # evaluations between steps (they never fall inside a window)
     train(config, tmp_path / "run")
     trained = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert trained["global_step"] == 6 and trained["minitx"]["batches_seen"] == 18
