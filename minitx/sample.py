@@ -14,8 +14,9 @@ from typing import TextIO
 from omegaconf import OmegaConf
 
 from minitx.config import ConfigError, fail, from_mapping
+from minitx.resources import config_dir
 
-SAMPLE_YAML = Path(__file__).resolve().parent.parent / "conf" / "sample.yaml"
+SAMPLE_YAML = Path(config_dir()) / "sample.yaml"
 
 
 @dataclass
