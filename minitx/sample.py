@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, TextIO
 from omegaconf import OmegaConf
 
 from minitx.config import ConfigError, fail, from_mapping
+from minitx.resources import config_dir
 
 if TYPE_CHECKING:
     from minitx.checkpoint import Loaded
     from minitx.kernel_check import AttentionCase
 
-SAMPLE_YAML = Path(__file__).resolve().parent.parent / "conf" / "sample.yaml"
+SAMPLE_YAML = Path(config_dir()) / "sample.yaml"
 
 
 @dataclass

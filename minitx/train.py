@@ -18,8 +18,9 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from minitx.config import ConfigError, LoggerConfig, MinitxError, ModelConfig, TrainConfig, from_mapping
+from minitx.resources import config_dir
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = config_dir()
 log = logging.getLogger("minitx")
 
 
