@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = {  # name -> (kernel, sdpa backend or flex mode)
+VARIANTS = {  # name -> (kernel, sdpa backend)
     "naive": ("naive", ""),
     "sdpa": ("sdpa", "auto"),
     "sdpa-math": ("sdpa", "math"),
-    "flex": ("flex", "compiled"),
-    "flex-eager": ("flex", "eager"),
+    "flex": ("flex", ""),
+    "flex-eager": ("flex_eager", ""),
     "flash": ("flash", ""),
 }
 
@@ -47,15 +47,13 @@ def peak_rss_mb() -> float:
 
 
 def run_case(name: str, t: int, batch: int, heads: int, head_dim: int, dtype: str, repeats: int) -> dict:
-    from minitx import attention
     from minitx.attention import KERNELS, SDPA_BACKENDS, AttentionMask, kernel_unavailable, sdpa_kernel
 
     kernel, variant = VARIANTS[name]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backward = not (kernel == "flex" and device == "cpu")
+    backward = not (kernel.startswith("flex") and device == "cpu")
     if reason := kernel_unavailable(kernel, device, training=backward):
         return {"skip": reason}
-    attention.FLEX_COMPILE = variant != "eager"
     q, k, v = (torch.randn(batch, heads, t, head_dim, device=device, dtype=getattr(torch, dtype),
                            requires_grad=backward) for _ in range(3))
     mask = AttentionMask(causal=True)

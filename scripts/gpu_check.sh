@@ -5,6 +5,7 @@
 #   3. bf16-mixed training of a GPT-2-small-shaped model (12 x 768, block 1024) with sdpa and torch.compile:
 #      tokens/s and MFU against the GPU's bf16 peak
 #   4. sampling speed on the GPU: KV cache on/off and the compiled decoding step
+#   5. the attention self-check (flex, sdpa, flash-attn vs naive at a GPT-2 shape in bf16): its start-up cost
 # The device image has torch, lightning, tokenizers and pytest but no network; hydra-core, omegaconf, datasets and
 # wandb come from wheels downloaded beforehand on a machine with a registry:
 #   pip download -d .gpu-wheels hydra-core datasets wandb      (then run with carry=[".gpu-wheels"])
@@ -38,3 +39,6 @@ PY
 
 echo "== 4. sampling: KV cache on/off, the compiled decoding step (nanoGPT's default shape)"
 timeout 240 python3 scripts/bench_sample.py --device cuda --repeats 2 2>&1 | tail -10
+
+echo "== 5. the attention self-check on the GPU: what it costs at start-up, and which kernel each run keeps"
+timeout 240 python3 scripts/bench_kernel_check.py 2>&1 | tail -12
