@@ -133,6 +133,12 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def attention_masks(config: TrainConfig) -> set[str]:
+    """The kinds of mask a run's batches carry, which its kernel must take: classification pads its rows."""
+    return {name for name, on in (("document", config.data.document_mask), ("padding", config.task == "classify"),
+                                  ("window", config.model.attention_window > 0)) if on}
+
+
 def training_cases(config: TrainConfig, device: str) -> list[Any]:
     """The shape a training run attends at, with gradients (training) and without (evaluation), for the kernel
     self-check (minitx.kernel_check)."""
@@ -202,10 +208,8 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     if str(config.trainer.precision).startswith("bf16") and not on_gpu and not cpu_has_bf16():
         log.warning("trainer.precision=%s on a CPU without bfloat16 hardware runs about 16x slower than 32-true",
                     config.trainer.precision)
-    masks = {name for name, on in (("document", config.data.document_mask), ("padding", config.task == "classify"),
-                                   ("window", config.model.attention_window > 0)) if on}
     try:
-        kernel, why = resolve_kernel(config.model.attention, "cuda" if on_gpu else "cpu", True, masks)
+        kernel, why = resolve_kernel(config.model.attention, "cuda" if on_gpu else "cpu", True, attention_masks(config))
     except ValueError as e:
         raise ConfigError(f"model.attention={config.model.attention!r}: {e}") from None
     device = "cuda" if on_gpu else "cpu"

@@ -215,24 +215,36 @@ def test_training_falls_back_before_the_first_step(trained_with_a_wrong_kernel: 
 
 
 def test_sampling_with_a_wrong_kernel_gives_naive_greedy_text(trained_with_a_wrong_kernel: tuple[Path, list[str]],
-                                                               register: Callable) -> None:
+                                                               register: Callable,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
     import io
 
+    import minitx
     from minitx.sample import parse_args, sample
+
+    ckpt = trained_with_a_wrong_kernel[0]
 
     def text(*args: str) -> str:
         out = io.StringIO()
-        sample(parse_args([f"ckpt={trained_with_a_wrong_kernel[0]}", "prompt=the cat ", "temperature=0",
-                           "max_new_tokens=40", *args]), out=out)
+        sample(parse_args([f"ckpt={ckpt}", "prompt=the cat ", "temperature=0", "max_new_tokens=40", *args]), out=out)
         return out.getvalue()
 
     register("wrong", reversed_values)
     greedy = text("attention=naive")
-    assert text("attention=wrong") == greedy
-    assert text("attention=wrong", "attention_check=false") != greedy  # what the check prevents
+    with caplog.at_level(logging.WARNING, logger="minitx"):
+        assert text("attention=wrong") == greedy
+    assert "attention kernel 'wrong' failed its self-check at batch 1, 2 heads of 16, 8 positions" in caplog.text
     assert text("attention=flex") == greedy
     # past block_size the cache is refilled rather than slid, so without it the text differs, for naive too
     assert text("attention=wrong", "use_cache=false") == text("attention=naive", "use_cache=false")
+    # what the check prevents: this model computes other logits with the wrong kernel
+    model = minitx.load(ckpt).model
+    ids = torch.tensor([model_ids := list(range(4, 12))])
+    with torch.no_grad():
+        model.transformer.set_attention("naive")
+        right = model.next_token_logits(ids)
+        model.transformer.set_attention("wrong")
+        assert (model.next_token_logits(ids) - right).abs().max() > 1e-2, model_ids  # rounding: ~1e-6
 
 
 @pytest.mark.slow
@@ -257,3 +269,25 @@ def test_compiled_flex_on_avx2_code_samples_naive_greedy_text(trained_with_a_wro
     assert flex.stdout == naive.stdout, flex.stderr[-2000:]
     caught = [line for line in flex.stderr.splitlines() if "self-check" in line]
     print("\n".join(caught) or "compiled flex agreed with naive in this process")  # shown with pytest -s
+
+
+def test_classification_declares_its_padding_so_flash_is_not_picked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU with flash-attn, task=classify with attention=auto passed start-up and crashed on the first batch:
+    its padding masks were not declared to the kernel choice. Here flash-attn is made to look installed."""
+    import importlib.util
+
+    from hydra import compose, initialize_config_dir
+
+    from minitx.attention import resolve_kernel
+    from minitx.train import CONF_DIR, attention_masks, parse_config, training_cases
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        classify = parse_config(compose("train", overrides=["experiment=classify", "model.attention=auto"]))
+        causal = parse_config(compose("train", overrides=["model.attention=auto"]))
+    assert resolve_kernel("auto", "cuda", True, attention_masks(causal))[0] == "flash"
+    kernel, why = resolve_kernel("auto", "cuda", True, attention_masks(classify))
+    assert (kernel, why) == ("sdpa", "not flash: flash-attn's dense kernel takes no padding or document masks")
+    assert all(case.padding and not case.causal for case in training_cases(classify, "cpu"))
