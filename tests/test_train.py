@@ -379,6 +379,8 @@ def test_command_line_train_then_sample(tmp_path: Path) -> None:
         (["data.path=binary.txt"], "error: data.path=binary.txt: binary.txt is not UTF-8 text (byte 0x"),
         (["data.path=split"], "error: data.path=split: the validation split (validation.txt) holds no text"),
         (["seed=-1"], "error: seed=-1: must be in [0, 2**32)"),
+        (["model.n_embd=1000000", "model.n_head=1"],
+         "error: model.n_embd=1000000 with model.n_layer=4: ~48.0T parameters: it needs ~768,"),
         (["hydra.run.dir=/proc/minitx/run"], "error: hydra.run.dir=/proc/minitx/run: cannot create the output"),
     ],
 )
