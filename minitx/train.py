@@ -82,7 +82,7 @@ def resume_checkpoint(resume: str) -> Path:
 
 
 # how the model runs, not what it is: a resumed run may choose these afresh (attention=auto may resolve differently)
-RUNTIME_KEYS = ("attention", "sdpa_backend", "compile")
+RUNTIME_KEYS = ("attention", "sdpa_backend", "compile", "attention_check")
 
 
 def check_same_run(meta: dict[str, Any], model_cfg: ModelConfig, tokenizer_json: str | None, resume: str) -> None:

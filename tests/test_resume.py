@@ -241,7 +241,7 @@ def test_resume_accepts_how_the_model_runs_and_a_finished_run_says_so(tmp_path: 
     checkpoint = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 20
     model = parse_config(compose_config(*overrides)).model
-    for change in ({"compile": True}, {"sdpa_backend": "math"}, {"attention": "naive"}):
+    for change in ({"compile": True}, {"sdpa_backend": "math"}, {"attention": "naive"}, {"attention_check": False}):
         check_same_run(checkpoint["minitx"], dataclasses.replace(model, **change), None, str(run))
 
     for max_steps in (20, 12):
