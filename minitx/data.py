@@ -134,17 +134,24 @@ def _local_files(path: str) -> list[Path]:
 
 def _split_files(path: str, val_split: str) -> dict[str, list[Path]]:
     """Files per split. In a directory, files named for data.val_split (validation.txt,
-    validation-00000-of-00001.parquet) are the validation split and every other file is training text: datasets'
+    validation-00000-of-00001.parquet) are the validation split, a Hub layout's test split (test.jsonl,
+    test-00000-of-00001.parquet) is left out, and every other file is training text (test_a.py included): datasets'
     own guess from file names keeps train.py alone as training text and drops or tests its neighbours."""
     files = _local_files(path)
     if not files:
         raise DataError(f"data.path={path!r}: no {'/'.join(sorted(BUILDERS))} files in it")
     if Path(path).is_file():
         return {"train": files}
-    held = [f for f in files if f.stem == val_split or f.stem.startswith(f"{val_split}-")]
-    train = [f for f in files if f not in held]
+    def named(f: Path, split: str) -> bool:
+        return f.stem == split or f.stem.startswith(f"{split}-")
+
+    held = [f for f in files if named(f, val_split)]
+    tests = [f for f in files if named(f, "test") and f not in held]  # a Hub layout's test split: never trained on
+    train = [f for f in files if f not in held and f not in tests]
     if not train:
         raise DataError(f"data.path={path!r}: only {val_split} files, no training text; add training files beside them")
+    log.info("data.path=%s: %d training file(s), %d %s file(s)%s", path, len(train), len(held), val_split,
+             f", {len(tests)} test file(s) left out" if tests else "")
     return {"train": train, val_split: held} if held else {"train": train}
 
 

@@ -1,9 +1,9 @@
 """Whether a model fits before it is built: training memory estimated from the config, against what is free.
 
 A model too big for the machine otherwise fails deep inside an allocation (`DefaultCPUAllocator: can't allocate
-memory`), or gets the process killed. The estimate counts what cannot be avoided: fp32 weights, their gradients and
-AdamW's two moments (16 bytes a parameter), plus a rough lower bound on the activations a step keeps for backward.
-It errs low, so a model that fits is never refused.
+memory`), or gets the process killed. The estimate counts what cannot be avoided: weights, their gradients and
+AdamW's two moments (16 bytes a parameter in fp32 or mixed precision, 8 in bf16-true), plus a rough lower bound on
+the activations a step keeps for backward. It errs low, so a model that fits is never refused.
 """
 
 from __future__ import annotations
@@ -36,16 +36,20 @@ class TrainingMemory:
         return self.states + self.activations
 
 
-def training_memory(config: ModelConfig, vocab_size: int, batch_size: int, precision: str,
-                    attention: str) -> TrainingMemory:
+def training_memory(config: ModelConfig, vocab_size: int, batch_size: int, precision: str, attention: str,
+                    logit_share: float = 1.0) -> TrainingMemory:
+    """`logit_share`: the share of positions that go through the LM head (1 for a GPT, the masking probability
+    for a masked LM, 0 for a classifier)."""
     n = count_parameters(config, vocab_size)
-    width = 2 if str(precision).startswith(("bf16", "16")) else 8 if str(precision).startswith("64") else 4
+    precision = str(precision)
+    width = 2 if precision.startswith(("bf16", "16")) else 8 if precision.startswith("64") else 4
+    weight_bytes = width if precision.endswith("-true") else 4  # mixed precision keeps fp32 weights
     tokens = batch_size * config.block_size
-    per_token = config.n_layer * 16 * config.n_embd + 2 * vocab_size  # block activations; logits and their gradient
+    per_token = config.n_layer * 16 * config.n_embd + 2 * vocab_size * logit_share  # blocks; logits and gradient
     activations = tokens * per_token * width
     if attention == "naive":  # the (T x T) scores and their softmax, per head and layer
         activations += 2 * batch_size * config.n_layer * config.n_head * config.block_size**2 * 4
-    return TrainingMemory(n, 16.0 * n, float(activations))
+    return TrainingMemory(n, 4.0 * weight_bytes * n, float(activations))  # weights, gradients, two AdamW moments
 
 
 def free_memory(device: str) -> float:
@@ -62,6 +66,8 @@ def free_memory(device: str) -> float:
     try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        stat = dict(line.split() for line in Path("/sys/fs/cgroup/memory.stat").read_text().splitlines())
+        used -= int(stat.get("inactive_file", 0))  # page cache the kernel gives back under pressure
         if limit != "max":
             free = min(free, float(int(limit) - used))
     except (OSError, ValueError):
@@ -77,10 +83,10 @@ def _count(n: int) -> str:
 
 
 def check_fits(config: ModelConfig, vocab_size: int, batch_size: int, precision: str, device: str,
-               processes: int = 1, free: float | None = None) -> None:
+               processes: int = 1, free: float | None = None, logit_share: float = 1.0) -> None:
     """Refuse, in one line with the numbers, a model whose training state alone cannot fit in free memory.
     `processes`: training processes sharing this memory (CPU DDP)."""
-    need = training_memory(config, vocab_size, batch_size, precision, config.attention)
+    need = training_memory(config, vocab_size, batch_size, precision, config.attention, logit_share)
     free = free_memory(device) if free is None else free
     if need.total * processes <= free:
         return

@@ -9,16 +9,12 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
 from omegaconf import OmegaConf
 
 from minitx.config import ConfigError, fail, from_mapping
 from minitx.resources import config_dir
-
-if TYPE_CHECKING:
-    from minitx.checkpoint import Loaded
-    from minitx.kernel_check import AttentionCase
 
 SAMPLE_YAML = Path(config_dir()) / "sample.yaml"
 
@@ -92,32 +88,6 @@ def _literal(raw: str, default: object, key: str) -> object:
     return raw
 
 
-def sampling_cases(loaded: Loaded, cfg: SampleConfig, prompt_len: int, device: str) -> list[AttentionCase]:
-    """The shapes sampling attends at, for the kernel self-check: the prompt; then, with the KV cache, one query
-    after it and the refill of a full cache; without the cache, every context length up to block_size."""
-    from minitx.kernel_check import AttentionCase
-
-    c = loaded.config
-    block = c.block_size
-    dtype = next(loaded.model.parameters()).dtype
-    common = dict(n_head=c.n_head, head_dim=c.n_embd // c.n_head, dtype=dtype, device=device, window=c.attention_window,
-                  batch=1, sdpa_backend=c.sdpa_backend)
-    if loaded.task != "causal_lm":  # one bidirectional pass over the prompt ([CLS] first for a classifier)
-        length = min(prompt_len + (loaded.task == "classify"), block)
-        return [AttentionCase(t_q=length, t_k=length, causal=False, **common)]
-    start = min(prompt_len, block)
-    if not cfg.use_cache:  # each token recomputes the whole context, cropped to block_size
-        last = max(start, min(prompt_len + cfg.max_new_tokens - 1, block))
-        return [AttentionCase(t_q=t, t_k=t, **common) for t in range(start, last + 1)]
-    cases = [AttentionCase(t_q=start, t_k=start, **common)]
-    if cfg.max_new_tokens > 1:
-        cases.append(AttentionCase(t_q=1, t_k=min(start + 1, block), **common))
-    if prompt_len + cfg.max_new_tokens > block:
-        keep = max(1, block * 3 // 4)
-        cases.append(AttentionCase(t_q=keep, t_k=keep, **common))
-    return cases
-
-
 def sample(cfg: SampleConfig, out: TextIO = sys.stdout) -> None:
     """Stream `num_samples` samples to `out`, each piece as it is decoded: memory stays bounded."""
     import torch
@@ -125,7 +95,7 @@ def sample(cfg: SampleConfig, out: TextIO = sys.stdout) -> None:
     from minitx.attention import kernel_unavailable
     from minitx.checkpoint import load
     from minitx.generation import STATIC_KERNELS, CompiledDecoding, classify, fill_mask, generate
-    from minitx.kernel_check import checked_kernel
+    from minitx.kernel_check import checked_kernel, sampling_cases
     from minitx.tokenizer import EOT, stream_decode, unknown_chars
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -135,7 +105,7 @@ def sample(cfg: SampleConfig, out: TextIO = sys.stdout) -> None:
     if cfg.attention is not None:
         if reason := kernel_unavailable(cfg.attention, device, training=False):
             fail("attention", cfg.attention, reason)
-        loaded.model.transformer.set_attention(cfg.attention)
+        loaded.model.transformer.set_attention(cfg.attention, loaded.config.sdpa_backend)
     tokenizer = loaded.tokenizer
     unknown = unknown_chars(tokenizer, cfg.prompt)
     if unknown:
@@ -143,9 +113,14 @@ def sample(cfg: SampleConfig, out: TextIO = sys.stdout) -> None:
     prompt = tokenizer.encode(cfg.prompt, add_special_tokens=False).ids or [tokenizer.token_to_id(EOT)]
     kernel = loaded.model.transformer.blocks[0].attn.attention
     if cfg.attention_check and kernel != "naive":
-        checked = checked_kernel(kernel, sampling_cases(loaded, cfg, len(prompt), device))
+        c = loaded.config
+        length = len(prompt) + (loaded.task == "classify")  # a classifier puts [CLS] first
+        cases = sampling_cases(c.n_head, c.n_embd // c.n_head, c.block_size, loaded.task == "causal_lm", length,
+                               cfg.max_new_tokens, cfg.use_cache, kernel, dtype=next(loaded.model.parameters()).dtype,
+                               device=device, window=c.attention_window, sdpa_backend=c.sdpa_backend)
+        checked = checked_kernel(kernel, cases)
         if checked != kernel:
-            loaded.model.transformer.set_attention(checked, loaded.config.sdpa_backend)
+            loaded.model.transformer.set_attention(checked, c.sdpa_backend)
     if loaded.task == "masked_lm":
         for n, candidates in enumerate(fill_mask(loaded.model, tokenizer, cfg.prompt, cfg.candidates), start=1):
             shown = "  ".join(f"{token!r} {p:.3f}" for token, p in candidates)

@@ -142,13 +142,15 @@ def attention_masks(config: TrainConfig) -> set[str]:
 def training_cases(config: TrainConfig, device: str) -> list[Any]:
     """The shape a training run attends at, with gradients (training) and without (evaluation), for the kernel
     self-check (minitx.kernel_check)."""
-    from minitx.kernel_check import AttentionCase, compute_dtype
+    from minitx.kernel_check import COMPILED_PER_SHAPE, AttentionCase, compute_dtype
 
     m = config.model
+    # a kernel compiled per shape is checked at the run's own batch size (its graph); others at 2 rows, to be quick
+    batch = config.data.batch_size if m.attention in COMPILED_PER_SHAPE else 2
     case = AttentionCase(m.n_head, m.n_embd // m.n_head, m.block_size, m.block_size,
                          compute_dtype(config.trainer.precision), device, causal=config.task == "causal_lm",
                          padding=config.task == "classify", document=config.data.document_mask,
-                         window=m.attention_window, backward=True, sdpa_backend=m.sdpa_backend)
+                         window=m.attention_window, backward=True, batch=batch, sdpa_backend=m.sdpa_backend)
     return [case, dataclasses.replace(case, backward=False)]
 
 
@@ -172,7 +174,7 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     from minitx.checkpoint import read_checkpoint
     from minitx.data import LabelledDataModule, TokenDataModule, prepare_data, prepare_labelled
     from minitx.generation import generate
-    from minitx.kernel_check import checked_kernel
+    from minitx.kernel_check import checked_kernel, sampling_cases
     from minitx.memory import check_fits
     from minitx.tasks import CHECKPOINT_KEY, CausalLM, MaskedLM, SequenceClassifier
     from minitx.tokenizer import (
@@ -212,19 +214,23 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
         kernel, why = resolve_kernel(config.model.attention, "cuda" if on_gpu else "cpu", True, attention_masks(config))
     except ValueError as e:
         raise ConfigError(f"model.attention={config.model.attention!r}: {e}") from None
-    device = "cuda" if on_gpu else "cpu"
+    if on_gpu:  # before the self-check, so that it checks the TF32 matmuls the run will use
+        torch.set_float32_matmul_precision("high")
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if on_gpu else "cpu"  # this rank's GPU under DDP
     devices = config.trainer.devices
     processes = 1 if on_gpu else devices if isinstance(devices, int) and devices > 1 else 1  # CPU DDP shares RAM
+    logit_share = {"causal_lm": 1.0, "masked_lm": config.data.mlm_probability}.get(config.task, 0.0)  # LM head rows
     fits = dict(batch_size=config.data.batch_size, precision=config.trainer.precision, device=device,
-                processes=processes)
+                processes=processes, logit_share=logit_share)
     check_fits(dataclasses.replace(config.model, attention=kernel), config.model.vocab_size, **fits)  # before the data
     if config.model.attention_check and kernel != "naive":
-        checked = checked_kernel(kernel, training_cases(config, device))
+        checked = checked_kernel(kernel, training_cases(dataclasses.replace(
+            config, model=dataclasses.replace(config.model, attention=kernel)), device))
         if checked != kernel:
             kernel, why = checked, f"{kernel} failed its self-check"
+        if on_gpu:
+            torch.cuda.empty_cache()  # what the check allocated is not held from the memory estimate below
     L.seed_everything(config.seed, verbose=False)
-    if on_gpu:
-        torch.set_float32_matmul_precision("high")
 
     init = load_init_from(config) if config.task == "classify" and config.model.init_from else None
     if config.task == "classify":
@@ -309,6 +315,13 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
         if config.sample.max_new_tokens > 0 and config.task == "causal_lm":
             model = module.model.eval()
             prompt = tokenizer.encode(config.sample.prompt).ids or [tokenizer.token_to_id(EOT)]
+            if config.model.attention_check and kernel != "naive":  # the sample's own shapes, batch 1
+                parameter = next(model.parameters())
+                cases = sampling_cases(model_cfg.n_head, model_cfg.n_embd // model_cfg.n_head, model_cfg.block_size,
+                                       True, len(prompt), config.sample.max_new_tokens, True, kernel,
+                                       dtype=parameter.dtype, device=str(parameter.device),
+                                       window=model_cfg.attention_window, sdpa_backend=model_cfg.sdpa_backend)
+                model.transformer.set_attention(checked_kernel(kernel, cases), model_cfg.sdpa_backend)
             generator = torch.Generator(device=next(model.parameters()).device).manual_seed(config.seed)
             print(f"sample:\n{config.sample.prompt}", end="", flush=True)
             for piece in stream_decode(tokenizer, generate(model, prompt, config.sample.max_new_tokens,

@@ -167,6 +167,11 @@ def test_directory_keeps_every_file_and_holds_out_only_validation_files(tmp_path
     train_text = data.tokenizer.decode(data.train.tokens.tolist(), skip_special_tokens=False)
     assert all(f"# file {name}\n" in train_text for name in names) and "# held out" not in train_text
 
+    (src / "test.py").write_text("# a test split\n" + make_text(30, seed=8))  # a Hub layout's test split
+    data = prepare(tmp_path, path=str(src))
+    train_text = data.tokenizer.decode(data.train.tokens.tolist(), skip_special_tokens=False)
+    assert all(f"# file {name}\n" in train_text for name in names) and "# a test split" not in train_text
+
 
 def test_tokenizer_never_sees_the_held_out_text(tmp_path: Path) -> None:
     """The held-out slice (the corpus's end) is cut before the tokenizer is trained: characters and merges that occur

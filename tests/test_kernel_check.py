@@ -251,7 +251,8 @@ def test_sampling_with_a_wrong_kernel_gives_naive_greedy_text(trained_with_a_wro
 AVX2_CHILD = """
 import io, json, sys, torch, minitx
 from minitx.kernel_check import checked_kernel
-from minitx.sample import parse_args, sample, sampling_cases
+from minitx.kernel_check import sampling_cases
+from minitx.sample import parse_args, sample
 ckpt, prompt, check = sys.argv[1], sys.argv[2], sys.argv[3] == "check"
 args = [f"ckpt={ckpt}", f"prompt={prompt}", "temperature=0", "max_new_tokens=8", "attention=flex",
         f"attention_check={check}"]
@@ -260,7 +261,9 @@ sample(parse_args(args), out=out)
 # the same model's next-token logits for the prompt, with the kernel sampling used, against naive's
 loaded = minitx.load(ckpt)
 ids = loaded.tokenizer.encode(prompt, add_special_tokens=False).ids
-kernel = checked_kernel("flex", sampling_cases(loaded, parse_args(args), len(ids), "cpu")) if check else "flex"
+c = loaded.config
+cases = sampling_cases(c.n_head, c.n_embd // c.n_head, c.block_size, True, len(ids), 8, True, "flex")
+kernel = checked_kernel("flex", cases) if check else "flex"  # remembered from sample(): nothing runs again
 with torch.inference_mode():
     loaded.model.transformer.set_attention(kernel)
     got = loaded.model.next_token_logits(torch.tensor([ids]))

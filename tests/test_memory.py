@@ -52,3 +52,17 @@ def test_what_the_machine_trains_is_not_refused() -> None:
     for config, batch in ((ModelConfig(vocab_size=100).validate(), 16),
                           (ModelConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384).validate(), 64)):
         check_fits(config, config.vocab_size, batch, "32-true", "cpu")
+
+
+def test_heads_and_precision_change_the_estimate() -> None:
+    """A classifier has no LM head over every position and a masked LM one over the masked share; bf16-true keeps
+    half the bytes of state. A classifier that fits must not be refused for a GPT's logits."""
+    encoder = ModelConfig(vocab_size=50257, block_size=512, n_layer=4, n_head=4, n_embd=128).validate()
+    causal = training_memory(encoder, 50257, 128, "32-true", "sdpa")
+    masked = training_memory(encoder, 50257, 128, "32-true", "sdpa", logit_share=0.15)
+    classify = training_memory(encoder, 50257, 128, "32-true", "sdpa", logit_share=0.0)
+    assert classify.activations < masked.activations < causal.activations
+    assert causal.activations > 20 * GB > 4 * GB > classify.activations  # 128 x 512 rows of 50257 logits
+    check_fits(encoder, 50257, 128, "32-true", "cpu", free=8 * GB, logit_share=0.0)
+    assert training_memory(encoder, 50257, 1, "bf16-true", "sdpa").states == 8 * count_parameters(encoder, 50257)
+    assert training_memory(encoder, 50257, 1, "bf16-mixed", "sdpa").states == 16 * count_parameters(encoder, 50257)
