@@ -326,3 +326,66 @@ def test_classification_declares_its_padding_so_flash_is_not_picked(monkeypatch:
     kernel, why = resolve_kernel("auto", "cuda", True, attention_masks(classify))
     assert (kernel, why) == ("sdpa", "not flash: flash-attn's dense kernel takes no padding or document masks")
     assert all(case.padding and not case.causal for case in training_cases(classify, "cpu"))
+
+
+def test_a_naive_reference_that_cannot_run_keeps_the_kernel(monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """At a long context naive's T x T scores may not fit where the fused kernel does: not the kernel's fault."""
+    def out_of_memory(*args: object) -> torch.Tensor:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 275 GB")
+
+    monkeypatch.setattr(kernel_check, "naive_attention", out_of_memory)
+    with caplog.at_level(logging.WARNING, logger="minitx"):
+        assert checked_kernel("sdpa", [CASE]) == "sdpa"
+    assert "attention kernel 'sdpa' not checked at batch 2, 2 heads of 16, 24 positions" in caplog.text
+    assert "the naive reference could not run (RuntimeError: DefaultCPUAllocator" in caplog.text
+
+
+def test_the_cases_are_the_runs_shapes() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from minitx.kernel_check import sampling_cases
+    from minitx.train import CONF_DIR, parse_config, training_cases
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        flex = parse_config(compose("train", overrides=["model.attention=flex", "data.batch_size=12"]))
+        sdpa = parse_config(compose("train", overrides=["data.batch_size=12", "trainer.precision=bf16-mixed"]))
+    assert [(c.batch, c.t_q, c.backward) for c in training_cases(flex, "cpu")] == [(12, 64, True), (12, 64, False)]
+    assert {(c.batch, c.dtype) for c in training_cases(sdpa, "cpu")} == {(2, torch.bfloat16)}  # eager: 2 rows do
+    shapes = {kernel: [(c.t_q, c.t_k) for c in sampling_cases(4, 32, 64, True, 10, 100, False, kernel)]
+              for kernel in ("flex", "sdpa")}
+    assert shapes["flex"] == [(t, t) for t in range(10, 65)]  # compiled per length: every length without the cache
+    assert shapes["sdpa"] == [(10, 10), (37, 37), (64, 64)]
+    assert [(c.t_q, c.t_k) for c in sampling_cases(4, 32, 64, True, 10, 100, True, "flex")] == [(10, 10), (1, 11),
+                                                                                                  (48, 48)]
+    assert [(c.t_q, c.causal) for c in sampling_cases(4, 32, 64, False, 10, 5, True, "sdpa")] == [(10, False)]
+
+
+def wrong_for_one_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,
+                      p: float) -> torch.Tensor:
+    """Right for batches of two rows or more, wrong for one: as a kernel compiled per shape can be."""
+    return reversed_values(q, k, v, mask, p) if q.size(0) == 1 else naive_attention(q, k, v, mask, p)
+
+
+def test_the_sample_after_training_is_checked_at_its_own_shapes(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    from conftest import make_text
+    from hydra import compose, initialize_config_dir
+
+    from minitx.train import CONF_DIR, parse_config, train
+
+    (tmp_path / "corpus.txt").write_text(make_text(300))
+    overrides = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "trainer.max_steps=4",
+                 "trainer.val_check_interval=4", "data.val_batches=1", "logger=none",
+                 "trainer.enable_progress_bar=false", "sample.max_new_tokens=5", f"data.path={tmp_path / 'corpus.txt'}",
+                 "model.attention=one_row"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(KERNELS, "one_row", wrong_for_one_row)
+        mp.setattr(kernel_check, "_verdicts", {})
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            config = parse_config(compose("train", overrides=overrides))
+        with caplog.at_level(logging.WARNING, logger="minitx"):
+            train(config, tmp_path / "run")
+    lines = [r.getMessage() for r in caplog.records if "self-check" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("attention kernel 'one_row' failed its self-check at batch 1, ")
+    assert lines[0].endswith("using 'sdpa' instead (model.attention_check=false skips the check)")
