@@ -12,7 +12,10 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("minitx")
 
@@ -172,6 +175,18 @@ class OptimConfig:
 
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype activations (attention included) are computed in under a Lightning precision setting."""
+    import torch
+
+    precision = str(precision)
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float64 if precision.startswith("64") else torch.float32
 
 
 @dataclass

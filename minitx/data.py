@@ -150,8 +150,8 @@ def _split_files(path: str, val_split: str) -> dict[str, list[Path]]:
     train = [f for f in files if f not in held and f not in tests]
     if not train:
         raise DataError(f"data.path={path!r}: only {val_split} files, no training text; add training files beside them")
-    log.info("data.path=%s: %d training file(s), %d %s file(s)%s", path, len(train), len(held), val_split,
-             f", {len(tests)} test file(s) left out" if tests else "")
+    if tests:
+        log.info("data.path=%s: %d test file(s) left out (%s)", path, len(tests), _shown(path, tests[0]))
     return {"train": train, val_split: held} if held else {"train": train}
 
 

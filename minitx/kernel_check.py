@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from minitx.attention import AttentionMask, attend, kernel_unavailable, naive_attention
+from minitx.config import ModelConfig
 
 log = logging.getLogger("minitx")
 
@@ -172,13 +173,16 @@ def checked_kernel(kernel: str, cases: Iterable[AttentionCase]) -> str:
 COMPILED_PER_SHAPE = ("flex",)  # kernels compiled for each shape: every shape a run uses is checked
 
 
-def sampling_cases(n_head: int, head_dim: int, block_size: int, causal: bool, prompt_len: int, max_new_tokens: int,
-                   use_cache: bool, kernel: str, **common: object) -> list[AttentionCase]:
+def sampling_cases(model: ModelConfig, kernel: str, causal: bool, prompt_len: int, max_new_tokens: int,
+                   use_cache: bool, dtype: torch.dtype, device: str) -> list[AttentionCase]:
     """The shapes sampling one sequence attends at: the prompt; then, with the KV cache, one query after it and the
     refill of a full cache; without the cache, every context length up to block_size (a few of them for a kernel
     that is not compiled per shape). An encoder's prompt is one bidirectional pass."""
+    block_size = model.block_size
+
     def case(t_q: int, t_k: int) -> AttentionCase:
-        return AttentionCase(n_head, head_dim, t_q, t_k, causal=causal, batch=1, **common)  # type: ignore[arg-type]
+        return AttentionCase(model.n_head, model.n_embd // model.n_head, t_q, t_k, dtype, device, causal,
+                             window=model.attention_window, batch=1, sdpa_backend=model.sdpa_backend)
 
     start = min(prompt_len, block_size)
     if not causal:
@@ -195,14 +199,3 @@ def sampling_cases(n_head: int, head_dim: int, block_size: int, causal: bool, pr
         keep = max(1, block_size * 3 // 4)
         cases.append(case(keep, keep))
     return cases
-
-
-def compute_dtype(precision: str) -> torch.dtype:
-    """The dtype attention runs in under a Lightning precision setting."""
-    precision = str(precision)
-    if precision.startswith("bf16"):
-        return torch.bfloat16
-    if precision.startswith("16"):
-        return torch.float16
-    return torch.float64 if precision.startswith("64") else torch.float32
-

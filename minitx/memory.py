@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from minitx.config import ConfigError, ModelConfig
+from minitx.config import ConfigError, ModelConfig, compute_dtype
 
 GB = 1e9
 
@@ -41,9 +41,8 @@ def training_memory(config: ModelConfig, vocab_size: int, batch_size: int, preci
     """`logit_share`: the share of positions that go through the LM head (1 for a GPT, the masking probability
     for a masked LM, 0 for a classifier)."""
     n = count_parameters(config, vocab_size)
-    precision = str(precision)
-    width = 2 if precision.startswith(("bf16", "16")) else 8 if precision.startswith("64") else 4
-    weight_bytes = width if precision.endswith("-true") else 4  # mixed precision keeps fp32 weights
+    width = compute_dtype(precision).itemsize
+    weight_bytes = width if str(precision).endswith("-true") else 4  # mixed precision keeps fp32 weights
     tokens = batch_size * config.block_size
     per_token = config.n_layer * 16 * config.n_embd + 2 * vocab_size * logit_share  # blocks; logits and gradient
     activations = tokens * per_token * width

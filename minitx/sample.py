@@ -113,14 +113,12 @@ def sample(cfg: SampleConfig, out: TextIO = sys.stdout) -> None:
     prompt = tokenizer.encode(cfg.prompt, add_special_tokens=False).ids or [tokenizer.token_to_id(EOT)]
     kernel = loaded.model.transformer.blocks[0].attn.attention
     if cfg.attention_check and kernel != "naive":
-        c = loaded.config
         length = len(prompt) + (loaded.task == "classify")  # a classifier puts [CLS] first
-        cases = sampling_cases(c.n_head, c.n_embd // c.n_head, c.block_size, loaded.task == "causal_lm", length,
-                               cfg.max_new_tokens, cfg.use_cache, kernel, dtype=next(loaded.model.parameters()).dtype,
-                               device=device, window=c.attention_window, sdpa_backend=c.sdpa_backend)
+        cases = sampling_cases(loaded.config, kernel, loaded.task == "causal_lm", length, cfg.max_new_tokens,
+                               cfg.use_cache, next(loaded.model.parameters()).dtype, device)
         checked = checked_kernel(kernel, cases)
         if checked != kernel:
-            loaded.model.transformer.set_attention(checked, c.sdpa_backend)
+            loaded.model.transformer.set_attention(checked, loaded.config.sdpa_backend)
     if loaded.task == "masked_lm":
         for n, candidates in enumerate(fill_mask(loaded.model, tokenizer, cfg.prompt, cfg.candidates), start=1):
             shown = "  ".join(f"{token!r} {p:.3f}" for token, p in candidates)

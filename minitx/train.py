@@ -139,14 +139,15 @@ def attention_masks(config: TrainConfig) -> set[str]:
                                   ("window", config.model.attention_window > 0)) if on}
 
 
-def training_cases(config: TrainConfig, device: str) -> list[Any]:
-    """The shape a training run attends at, with gradients (training) and without (evaluation), for the kernel
-    self-check (minitx.kernel_check)."""
-    from minitx.kernel_check import COMPILED_PER_SHAPE, AttentionCase, compute_dtype
+def training_cases(config: TrainConfig, kernel: str, device: str) -> list[Any]:
+    """The shape a training run attends at with `kernel`, with gradients (training) and without (evaluation), for
+    the kernel self-check (minitx.kernel_check)."""
+    from minitx.config import compute_dtype
+    from minitx.kernel_check import COMPILED_PER_SHAPE, AttentionCase
 
     m = config.model
     # a kernel compiled per shape is checked at the run's own batch size (its graph); others at 2 rows, to be quick
-    batch = config.data.batch_size if m.attention in COMPILED_PER_SHAPE else 2
+    batch = config.data.batch_size if kernel in COMPILED_PER_SHAPE else 2
     case = AttentionCase(m.n_head, m.n_embd // m.n_head, m.block_size, m.block_size,
                          compute_dtype(config.trainer.precision), device, causal=config.task == "causal_lm",
                          padding=config.task == "classify", document=config.data.document_mask,
@@ -224,8 +225,7 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
                 processes=processes, logit_share=logit_share)
     check_fits(dataclasses.replace(config.model, attention=kernel), config.model.vocab_size, **fits)  # before the data
     if config.model.attention_check and kernel != "naive":
-        checked = checked_kernel(kernel, training_cases(dataclasses.replace(
-            config, model=dataclasses.replace(config.model, attention=kernel)), device))
+        checked = checked_kernel(kernel, training_cases(config, kernel, device))
         if checked != kernel:
             kernel, why = checked, f"{kernel} failed its self-check"
         if on_gpu:
@@ -317,10 +317,8 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
             prompt = tokenizer.encode(config.sample.prompt).ids or [tokenizer.token_to_id(EOT)]
             if config.model.attention_check and kernel != "naive":  # the sample's own shapes, batch 1
                 parameter = next(model.parameters())
-                cases = sampling_cases(model_cfg.n_head, model_cfg.n_embd // model_cfg.n_head, model_cfg.block_size,
-                                       True, len(prompt), config.sample.max_new_tokens, True, kernel,
-                                       dtype=parameter.dtype, device=str(parameter.device),
-                                       window=model_cfg.attention_window, sdpa_backend=model_cfg.sdpa_backend)
+                cases = sampling_cases(model_cfg, kernel, True, len(prompt), config.sample.max_new_tokens, True,
+                                       parameter.dtype, str(parameter.device))
                 model.transformer.set_attention(checked_kernel(kernel, cases), model_cfg.sdpa_backend)
             generator = torch.Generator(device=next(model.parameters()).device).manual_seed(config.seed)
             print(f"sample:\n{config.sample.prompt}", end="", flush=True)

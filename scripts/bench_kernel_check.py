@@ -3,7 +3,7 @@
     python scripts/bench_kernel_check.py                 # CPU rows (and GPU rows when CUDA is there)
     ATEN_CPU_CAPABILITY=avx2 python scripts/bench_kernel_check.py   # AVX2 code, where compiled flex goes wrong
 
-Each row is the list of shapes a run checks (minitx.train.training_cases / minitx.sample.sampling_cases) for its
+Each row is the list of shapes a run checks (minitx.train.training_cases / minitx.kernel_check.sampling_cases) for its
 configured kernel; the time includes compiling a compiled kernel (each process starts with an empty inductor
 cache), since a run pays that too, although the run itself would then reuse the compiled code.
 """

@@ -166,7 +166,9 @@ def test_the_module_attends_with_the_kernel_it_is_given(register: Callable) -> N
 @pytest.mark.parametrize(("precision", "dtype"), [("32-true", torch.float32), ("bf16-mixed", torch.bfloat16),
                                                   ("16-mixed", torch.float16), ("64-true", torch.float64)])
 def test_compute_dtype(precision: str, dtype: torch.dtype) -> None:
-    assert kernel_check.compute_dtype(precision) == dtype
+    from minitx.config import compute_dtype
+
+    assert compute_dtype(precision) == dtype
 
 
 def test_bfloat16_kernels_pass_at_bfloat16_tolerance() -> None:
@@ -262,7 +264,7 @@ sample(parse_args(args), out=out)
 loaded = minitx.load(ckpt)
 ids = loaded.tokenizer.encode(prompt, add_special_tokens=False).ids
 c = loaded.config
-cases = sampling_cases(c.n_head, c.n_embd // c.n_head, c.block_size, True, len(ids), 8, True, "flex")
+cases = sampling_cases(c, "flex", True, len(ids), 8, True, torch.float32, "cpu")
 kernel = checked_kernel("flex", cases) if check else "flex"  # remembered from sample(): nothing runs again
 with torch.inference_mode():
     loaded.model.transformer.set_attention(kernel)
@@ -325,7 +327,7 @@ def test_classification_declares_its_padding_so_flash_is_not_picked(monkeypatch:
     assert resolve_kernel("auto", "cuda", True, attention_masks(causal))[0] == "flash"
     kernel, why = resolve_kernel("auto", "cuda", True, attention_masks(classify))
     assert (kernel, why) == ("sdpa", "not flash: flash-attn's dense kernel takes no padding or document masks")
-    assert all(case.padding and not case.causal for case in training_cases(classify, "cpu"))
+    assert all(case.padding and not case.causal for case in training_cases(classify, "sdpa", "cpu"))
 
 
 def test_a_naive_reference_that_cannot_run_keeps_the_kernel(monkeypatch: pytest.MonkeyPatch,
@@ -344,21 +346,26 @@ def test_a_naive_reference_that_cannot_run_keeps_the_kernel(monkeypatch: pytest.
 def test_the_cases_are_the_runs_shapes() -> None:
     from hydra import compose, initialize_config_dir
 
+    from minitx.config import ModelConfig
     from minitx.kernel_check import sampling_cases
     from minitx.train import CONF_DIR, parse_config, training_cases
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         flex = parse_config(compose("train", overrides=["model.attention=flex", "data.batch_size=12"]))
         sdpa = parse_config(compose("train", overrides=["data.batch_size=12", "trainer.precision=bf16-mixed"]))
-    assert [(c.batch, c.t_q, c.backward) for c in training_cases(flex, "cpu")] == [(12, 64, True), (12, 64, False)]
-    assert {(c.batch, c.dtype) for c in training_cases(sdpa, "cpu")} == {(2, torch.bfloat16)}  # eager: 2 rows do
-    shapes = {kernel: [(c.t_q, c.t_k) for c in sampling_cases(4, 32, 64, True, 10, 100, False, kernel)]
+    assert [(c.batch, c.t_q, c.backward) for c in training_cases(flex, "flex", "cpu")] == [(12, 64, True),
+                                                                                           (12, 64, False)]
+    assert {(c.batch, c.dtype) for c in training_cases(sdpa, "sdpa", "cpu")} == {(2, torch.bfloat16)}  # 2 rows do
+    model = ModelConfig(block_size=64, n_head=4, n_embd=128)
+    f32 = (torch.float32, "cpu")
+
+    shapes = {kernel: [(c.t_q, c.t_k) for c in sampling_cases(model, kernel, True, 10, 100, False, *f32)]
               for kernel in ("flex", "sdpa")}
     assert shapes["flex"] == [(t, t) for t in range(10, 65)]  # compiled per length: every length without the cache
     assert shapes["sdpa"] == [(10, 10), (37, 37), (64, 64)]
-    assert [(c.t_q, c.t_k) for c in sampling_cases(4, 32, 64, True, 10, 100, True, "flex")] == [(10, 10), (1, 11),
-                                                                                                  (48, 48)]
-    assert [(c.t_q, c.causal) for c in sampling_cases(4, 32, 64, False, 10, 5, True, "sdpa")] == [(10, False)]
+    assert [(c.t_q, c.t_k) for c in sampling_cases(model, "flex", True, 10, 100, True, *f32)] == [(10, 10), (1, 11),
+                                                                                                   (48, 48)]
+    assert [(c.t_q, c.causal) for c in sampling_cases(model, "sdpa", False, 10, 5, True, *f32)] == [(10, False)]
 
 
 def wrong_for_one_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,
