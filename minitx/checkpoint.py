@@ -1,10 +1,13 @@
-"""Reading minitx checkpoints: a `.ckpt` carries the model config, the tokenizer and the weights."""
+"""Reading minitx checkpoints: a `.ckpt` carries the model config, the tokenizer and the weights.
+
+Inference starts here, so this needs torch, tokenizers and minitx's model code only (no Lightning, no Hydra)."""
 
 from __future__ import annotations
 
 import dataclasses
 import pickle
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,9 +16,10 @@ import torch
 from tokenizers import Tokenizer
 
 from minitx.attention import kernel_unavailable
-from minitx.config import MinitxError, ModelConfig, from_mapping
+from minitx.config import ConfigError, MinitxError, ModelConfig, from_mapping
 from minitx.model import GPT, Encoder
-from minitx.tasks import CHECKPOINT_KEY
+
+CHECKPOINT_KEY = "minitx"  # the part of a .ckpt that rebuilds model and tokenizer without any config
 
 
 class CheckpointError(MinitxError):
@@ -76,3 +80,13 @@ def load(path: str | Path, device: str | torch.device = "cpu", key: str = "ckpt"
     model.load_state_dict(state)
     tokenizer = Tokenizer.from_str(meta["tokenizer"])
     return Loaded(model.to(device).eval(), tokenizer, config, int(checkpoint.get("global_step", 0)), task, labels)
+
+
+def require_same_model(saved: dict[str, Any], model_cfg: ModelConfig, keys: Iterable[str], source: str,
+                       fix: str) -> None:
+    """The first of `keys` where model_cfg differs from a checkpoint's saved model settings fails as one line."""
+    current = dataclasses.asdict(model_cfg)
+    for key in keys:
+        if current.get(key) != saved.get(key):
+            raise ConfigError(f"model.{key}={current.get(key)!r} but {source} was trained with {saved.get(key)!r}; "
+                              f"{fix}")

@@ -44,23 +44,23 @@ class ModelConfig:
     """Architecture of the transformer; saved in every checkpoint so the model can be rebuilt."""
 
     vocab_size: int = 0  # 0: taken from the tokenizer
-    block_size: int = 128  # longest context the model sees (size of the position table)
+    block_size: int = 64  # longest context the model sees (size of the position table)
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = False  # biases in Linear and LayerNorm; GPT-2 had them, small models train as well without
-    attention: str = "sdpa"  # naive | sdpa | flex | flex_eager | flash | auto; see minitx.attention.KERNELS
+    attention: str = "sdpa"  # naive | sdpa | flex | flex_eager | flash (flash-attn, CUDA) | auto
     sdpa_backend: str = "auto"  # with sdpa: auto (PyTorch chooses) | flash | efficient | math | cudnn
-    attention_check: bool = True  # run a fused kernel once against naive at the run's shape first (kernel_check)
-    attention_window: int = 0  # sliding-window attention: each position sees this many most recent (0 = all)
+    attention_check: bool = True  # check a fused kernel against naive at the run's shapes first; fall back if wrong
+    attention_window: int = 0  # sliding-window attention over this many most recent positions (0 = off)
     pos_emb: str = "learned"  # learned (GPT-2's table) | rope (rotary, applied to q and k in every layer)
     rope_base: float = 10000.0
     norm: str = "layernorm"  # layernorm | rmsnorm
     activation: str = "gelu"  # gelu | relu2 (ReLU squared)
-    compile: bool = False  # torch.compile the model's forward (not part of the architecture)
-    init_from: str | None = None  # classification: start from this masked-LM checkpoint's weights and tokenizer
-    pooling: str = "cls"  # classification: cls (the [CLS] position) | mean (over real tokens)
+    compile: bool = False  # torch.compile the model (cold compile ~35 s on 2 CPU cores; pays on long runs, GPUs)
+    init_from: str | None = None  # task=classify: start from this masked-LM checkpoint (its weights and tokenizer)
+    pooling: str = "cls"  # task=classify: cls (the [CLS] position) | mean (over real tokens)
 
     def validate(self) -> ModelConfig:
         from minitx.attention import KERNELS
@@ -98,8 +98,8 @@ class ModelConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: str = "char"  # char | bpe; ignored when `path` is set
-    vocab_size: int = 1024  # target size for bpe
+    kind: str = "char"  # char (one token per character) | bpe (byte-level BPE); ignored when path is set
+    vocab_size: int = 1024  # bpe: the vocabulary's target size (char takes every character it sees)
     path: str | None = None  # a tokenizer.json to load instead of training one
 
     def validate(self) -> TokenizerConfig:
@@ -118,20 +118,20 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    hub_id: str | None = None  # a Hugging Face Hub dataset, e.g. karpathy/tiny_shakespeare; data.path wins if set
+    hub_id: str | None = None  # a Hugging Face Hub dataset id, e.g. karpathy/tiny_shakespeare
     hub_config: str | None = None  # the Hub dataset's configuration name, if it has several
-    path: str | None = None  # local text / jsonl / json / csv / parquet file or directory
+    path: str | None = None  # a local .txt/.jsonl/.json/.csv/.parquet file or a directory of them; wins over hub_id
     text_column: str = "text"
-    label_column: str | None = None  # classification: the column of labels (integers or strings)
-    val_split: str = "validation"  # used when the dataset has it, else the last `val_fraction` is held out
+    label_column: str | None = None  # task=classify: the column of labels (integers or strings)
+    val_split: str = "validation"  # the dataset's own split if present, else the last val_fraction of the stream
     val_fraction: float = 0.1
     batch_size: int = 16
-    val_batches: int = 50  # fixed windows evaluated each time, so val numbers compare across runs
-    document_mask: bool = False  # attend only within a document when a window spans <|endoftext|>
-    mlm_probability: float = 0.15  # task=masked_lm: the share of tokens chosen for prediction (BERT: 0.15)
-    streaming: bool = False  # read the dataset as a stream: only its first max_documents, never the whole of it
+    val_batches: int = 40  # fixed, evenly spaced windows evaluated each time: val numbers compare across runs
+    document_mask: bool = False  # no attention across <|endoftext|> inside a window (packed documents)
+    mlm_probability: float = 0.15  # task=masked_lm: share of tokens chosen (80% [MASK], 10% random, 10% kept)
+    streaming: bool = False  # stream data.path / data.hub_id and read only its first max_documents per split
     max_documents: int = 0  # with streaming: how many documents of each split to read
-    cache_dir: str | None = None  # token-stream cache; default ~/.cache/minitx
+    cache_dir: str | None = None  # token-stream cache; default $MINITX_CACHE or ~/.cache/minitx
 
     def validate(self) -> DataConfig:
         check_positive("data", self, "batch_size", "val_batches")
@@ -146,12 +146,12 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    min_lr: float = 1e-4  # cosine decay ends here
+    lr: float = 2e-3
+    min_lr: float = 2e-4  # cosine decay ends here
     weight_decay: float = 0.1  # matrices only; biases, norms and embeddings' 1-d params are not decayed
     beta1: float = 0.9
     beta2: float = 0.99  # 0.99 rather than 0.999: small batches, short runs
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear warmup; a run shorter than this warms up over all of it
     decay_steps: int = 0  # 0: decay over trainer.max_steps
 
     def validate(self, max_steps: int) -> OptimConfig:
@@ -198,10 +198,10 @@ class TrainerConfig:
     devices: Any = 1
     num_nodes: int = 1
     strategy: str = "auto"
-    precision: str = "32-true"
-    max_steps: int = 1000
+    precision: str = "32-true"  # bf16-mixed on GPUs with bf16; slower on CPUs without it
+    max_steps: int = 1500
     val_check_interval: int = 250  # training batches between evaluations
-    log_every_n_steps: int = 10
+    log_every_n_steps: int = 25
     gradient_clip_val: float = 1.0
     accumulate_grad_batches: int = 1
     enable_progress_bar: bool = True
@@ -247,7 +247,7 @@ class TrainerConfig:
 class LoggerConfig:
     kind: str = "wandb"  # wandb | csv | none
     project: str = "minitx"
-    offline: bool | None = None  # wandb: None = offline unless an API key is set and the server answers
+    offline: bool | None = None  # wandb: null = offline unless an API key is set and the server answers
 
     def validate(self) -> LoggerConfig:
         if self.kind not in ("wandb", "csv", "none"):
@@ -259,7 +259,7 @@ class LoggerConfig:
 class CheckpointConfig:
     """Periodic checkpoints besides best.ckpt (by val/loss): step-NNNNNN.ckpt and last.ckpt, written atomically."""
 
-    every_n_steps: int = 250
+    every_n_steps: int = 250  # step-NNNNNN.ckpt and last.ckpt, written atomically
     keep_last: int = 2  # periodic checkpoints kept; older ones are deleted
 
     def validate(self) -> CheckpointConfig:
@@ -271,7 +271,7 @@ class CheckpointConfig:
 class GuardConfig:
     """What a non-finite loss or gradient norm does: stop the run (default) or skip the step, up to max_skips."""
 
-    on_nonfinite: str = "stop"  # stop | skip
+    on_nonfinite: str = "stop"  # stop (keeping the last good checkpoint) | skip (the step)
     max_skips: int = 10
 
     def validate(self) -> GuardConfig:
@@ -284,7 +284,7 @@ class GuardConfig:
 
 @dataclass
 class PerfConfig:
-    peak_flops: float | None = None  # for mfu: None looks it up (known GPUs) or measures it (CPU); 0 turns mfu off
+    peak_flops: float | None = None  # FLOP/s for mfu: null = known GPU table or a CPU matmul measurement; 0: off
 
     def validate(self) -> PerfConfig:
         if self.peak_flops is not None and self.peak_flops < 0:
@@ -294,30 +294,34 @@ class PerfConfig:
 
 @dataclass
 class SampleAfterConfig:
-    """A sample printed at the end of training, from the final weights."""
+    """What the end of training shows from the final weights; each task decides what (minitx.tasks: Task.show)."""
 
-    prompt: str = ""
-    max_new_tokens: int = 200
+    prompt: str = "def "  # causal_lm continues it; masked_lm fills its [MASK]s; classify labels it (if not empty)
+    max_new_tokens: int = 200  # causal_lm: tokens to sample (0: no sample)
 
 
 @dataclass
 class TrainConfig:
-    name: str
-    seed: int
-    model: ModelConfig
-    tokenizer: TokenizerConfig
-    data: DataConfig
-    optim: OptimConfig
-    trainer: TrainerConfig
-    logger: LoggerConfig
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    guard: GuardConfig = field(default_factory=GuardConfig)
+    """A whole training run. The groups (model ... logger) come from conf/<group>/*.yaml; the rest from train.yaml."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    name: str = "default"  # outputs/<name>/<timestamp>/, and the wandb run name
+    task: str = "causal_lm"  # a name in minitx.tasks.TASKS: causal_lm (GPT) | masked_lm (encoder) | classify
+    seed: int = 1337
+    resume: str | None = None  # a run directory or .ckpt: continue that run exactly (same command + resume=...)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # besides best.ckpt (lowest val/loss)
+    guard: GuardConfig = field(default_factory=GuardConfig)  # a non-finite loss or gradient norm: stop or skip
     perf: PerfConfig = field(default_factory=PerfConfig)
-    sample: SampleAfterConfig = field(default_factory=SampleAfterConfig)
-    resume: str | None = None  # a run directory or a .ckpt: continue that run exactly where it stopped
-    task: str = "causal_lm"  # causal_lm (GPT) | masked_lm (encoder pretraining) | classify (encoder + head)
+    sample: SampleAfterConfig = field(default_factory=SampleAfterConfig)  # shown from the final weights
 
     def validate(self) -> TrainConfig:
+        from minitx.tasks import TASKS  # (imports Lightning: validation is for training runs)
+
         self.model.validate()
         self.tokenizer.validate()
         self.data.validate()
@@ -329,10 +333,9 @@ class TrainConfig:
         self.perf.validate()
         if not 0 <= self.seed < 2**32:  # numpy's and Lightning's seeding refuse anything else, with a traceback
             fail("seed", self.seed, "must be in [0, 2**32)")
-        if self.task not in ("causal_lm", "masked_lm", "classify"):
-            fail("task", self.task, "choose causal_lm, masked_lm or classify")
-        if self.task == "classify" and self.data.label_column is None:
-            fail("data.label_column", None, "task=classify needs the column that holds the labels")
+        if self.task not in TASKS:
+            fail("task", self.task, f"choose one of {sorted(TASKS)}")
+        TASKS[self.task].check_config(self)
         devices = self.trainer.devices
         several = (isinstance(devices, int) and devices != 1) or (isinstance(devices, list) and len(devices) > 1)
         if self.guard.on_nonfinite == "skip" and (several or self.trainer.num_nodes > 1):
@@ -347,38 +350,56 @@ T = TypeVar("T")
 
 
 def from_mapping(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
-    """Build dataclass `cls` from a plain mapping, checking key names and value types."""
+    """Dataclass `cls` from a plain mapping: OmegaConf's typed merge onto the dataclass's defaults (missing keys take
+    them), with its errors turned into one line that names the key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+    _check_sections(cls, values, prefix)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))  # type: ignore[return-value]
+    except ConfigKeyError as e:
+        section = _field_type(cls, e.full_key.rpartition(".")[0])
+        known = sorted(f.name for f in dataclasses.fields(section)) if dataclasses.is_dataclass(section) else []
+        raise ConfigError(f"{prefix}{e.full_key}: unknown key; known keys are {known}") from None
+    except OmegaConfBaseException as e:
+        hint = _field_type(cls, e.full_key)
+        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if e.value is None and type(None) not in options:
+            fail(prefix + e.full_key, None, "must be set")
+        wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
+        fail(prefix + e.full_key, e.value, f"expected {wanted}")
+
+
+def _check_sections(cls: Any, values: Any, prefix: str) -> None:
+    """A section given as a plain value (model=5) fails naming its key (OmegaConf's error names none)."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    for key in values:
-        if key not in names:
-            raise ConfigError(f"{prefix}{key}: unknown key; known keys are {sorted(names)}")
-    kwargs = {}
-    for name, value in values.items():
-        kwargs[name] = _coerce(value, hints[name], f"{prefix}{name}")
-    return cls(**kwargs)
+    for key, value in values.items():
+        if dataclasses.is_dataclass(hints.get(key)):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{prefix}{key}: expected a section of keys")
+            _check_sections(hints[key], value, f"{prefix}{key}.")
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, Mapping):
-            fail(key, value, "expected a section of keys")
-        return from_mapping(hint, value, key + ".")
-    if hint is Any:
-        return value
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    if value is None:
-        if type(None) in options:
-            return None
-        fail(key, value, "must be set")
-    for option in options:
-        if option is bool and isinstance(value, bool):
-            return value
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if option is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    wanted = " or ".join(o.__name__ for o in options if o is not type(None))
-    fail(key, value, f"expected {wanted}")
+def _field_type(cls: Any, key: str) -> Any:
+    """The annotated type at dotted `key` below dataclass `cls` (`cls` itself for "")."""
+    for name in filter(None, key.split(".")):
+        cls = typing.get_type_hints(cls).get(name, Any) if dataclasses.is_dataclass(cls) else Any
+    return cls
+
+
+def field_notes(cls: type) -> dict[str, str]:
+    """Each field's trailing comment in the class's source: what conf/*.yaml and `--help` say about the key."""
+    import inspect
+    import io
+    import tokenize
+
+    notes: dict[str, str] = {}
+    tokens = list(tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline))
+    for i, tok in enumerate(tokens[:-1]):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and tokens[i + 1].string == ":":
+            line = tok.start[0]
+            comment = next((t.string for t in tokens[i:] if t.start[0] == line and t.type == tokenize.COMMENT), None)
+            if comment is not None:
+                notes[tok.string] = comment.lstrip("#").strip()
+    return notes

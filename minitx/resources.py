@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def config_dir() -> str:
-    """The directory holding train.yaml, sample.yaml and the config groups, as an absolute path for Hydra."""
+    """The directory holding train.yaml and the config groups, as an absolute path for Hydra."""
     installed = files("minitx") / "conf"  # a wheel (pip install ., a Docker image, a cluster node)
     if isinstance(installed, Path) and installed.is_dir():
         return str(installed.resolve())

@@ -117,7 +117,7 @@ def test_hub_without_network_fails_fast(tmp_path: Path, env: dict[str, str]) -> 
     code = (
         "from minitx.config import DataConfig, TokenizerConfig\n"
         "from minitx.data import prepare_data\n"
-        "from minitx.train import exit_on_user_error\n"
+        "from minitx.cli import exit_on_user_error\n"
         "with exit_on_user_error():\n"
         "    prepare_data(DataConfig(hub_id='karpathy/tiny_shakespeare'), TokenizerConfig(), 65)\n"
     )

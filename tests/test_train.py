@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import os
 import random
 import re
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -142,6 +144,34 @@ def test_checkpoint_is_self_contained(trained: Path) -> None:
     assert loaded.step == 150
 
 
+def test_inference_imports_no_lightning(trained: Path) -> None:
+    """minitx.load and minitx-sample need torch, tokenizers and the model code only: no Lightning, no Hydra."""
+    ckpt = trained / "checkpoints" / "best.ckpt"
+    code = ("import sys, minitx; from minitx.sample import main\n"
+            f"m = minitx.load({str(ckpt)!r}); main(['ckpt={ckpt}', 'prompt=the ', 'max_new_tokens=5'])\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('lightning', 'pytorch_lightning', 'hydra')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("the ") and result.stdout.strip().endswith("[]"), result.stdout
+
+
+def test_sample_help_lists_every_key_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    from minitx.sample import SampleConfig
+
+    sample_main(["--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: minitx-sample ckpt=")
+    for field in dataclasses.fields(SampleConfig):
+        assert f"  {field.name}=" in text, field.name
+    assert "  temperature=0.8" in text and "<= 0: greedy" in text and '  prompt=""' in text
+
+
+def test_sample_arguments_are_literal(trained: Path) -> None:
+    """No YAML or interpolation: what is typed is the prompt."""
+    config = parse_args([f"ckpt={trained}", "prompt=${oops} 'x' #1 ", "attention=sdpa"])
+    assert config.prompt == "${oops} 'x' #1 " and config.attention == "sdpa"
+
+
 def sample_text(*args: str) -> str:
     out = io.StringIO()
     sample(parse_args(list(args)), out=out)
@@ -184,7 +214,7 @@ def test_sample_edge_inputs(trained: Path) -> None:
         (["prompt=x"], "error: ckpt=None: required"),
         (["ckpt=x", "top_p=0"], "error: top_p=0.0: must be in (0, 1]"),
         (["ckpt=x", "temperatur=1"], "error: temperatur: unknown key"),
-        (["ckpt=x", "max_new_tokens=many"], "error: max_new_tokens='many': expected a int"),
+        (["ckpt=x", "max_new_tokens=many"], "error: max_new_tokens='many': expected int"),
         (["ckpt=x", "max_new_tokens=-1"], "error: max_new_tokens=-1: must be >= 0"),
         (["ckpt=x", "top_k=-1"], "error: top_k=-1: must be >= 0"),
         (["ckpt=x", "attention=nope"], "error: attention='nope': unknown kernel"),

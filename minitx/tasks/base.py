@@ -1,4 +1,5 @@
-"""Lightning modules: what a training step and an evaluation mean for each kind of model."""
+"""What every training task shares: the Lightning module's optimization step and evaluation, and the wiring a task
+supplies to `minitx-train` (its data, model, data module, monitored metric, and what it shows at the end)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,32 @@ import copy
 import dataclasses
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from minitx.callbacks import write
-from minitx.config import GuardConfig, MinitxError, ModelConfig, OptimConfig, TrainerConfig
+from minitx.checkpoint import CHECKPOINT_KEY
+from minitx.config import GuardConfig, MinitxError, ModelConfig, OptimConfig, TrainConfig, TrainerConfig
 from minitx.data import global_batch_index
-from minitx.model import GPT, Encoder
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 log = logging.getLogger("minitx")
-CHECKPOINT_KEY = "minitx"  # the part of a .ckpt that rebuilds model and tokenizer without any config
+
+
+@dataclass
+class Prepared:
+    """A task's data, ready for its data module, and the tokenizer the model's vocabulary comes from."""
+
+    data: Any  # what the task's data module reads (minitx.data.PreparedData, LabelledData, ...)
+    tokenizer: Tokenizer
+    description: str  # for the log: the source and its size
+    pretrained: Any = None  # a checkpoint (minitx.checkpoint.Loaded) the model starts from, if any
 
 
 class NonFiniteError(MinitxError):
@@ -60,7 +73,37 @@ class Task(L.LightningModule):
     precision (loss scaling), gradient sync across processes, step counting, checkpoints. Lightning does not know
     about the accumulation, so its own batch-based counters (the logger's step axis) count batches."""
 
-    task = ""  # the name written into checkpoints
+    task: ClassVar[str] = ""  # its name in TASKS (task=...), written into checkpoints
+    causal: ClassVar[bool] = False  # attention is causal (for the kernel self-check)
+    padded: ClassVar[bool] = False  # batches carry padding masks (for kernel choice and the self-check)
+    monitor: ClassVar[tuple[str, str]] = ("val/loss", "min")  # what best.ckpt keeps the best of
+
+    # -- the wiring minitx-train calls, in this order --------------------------------------------------------------
+
+    @classmethod
+    def check_config(cls, config: TrainConfig) -> None:
+        """Fail at start-up, as one line, on settings this task cannot run with."""
+
+    @classmethod
+    def logit_share(cls, config: TrainConfig) -> float:
+        """The share of positions whose logits over the vocabulary are computed (the memory estimate)."""
+        return 0.0
+
+    @classmethod
+    def prepare(cls, config: TrainConfig) -> Prepared:
+        """Load and tokenize the data (training the tokenizer if the config says so)."""
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, config: TrainConfig, model_cfg: ModelConfig, prepared: Prepared,
+              run_config: dict[str, Any]) -> tuple[Task, L.LightningDataModule]:
+        """The module (with its model, sized by `model_cfg`) and the data module that feeds it."""
+        raise NotImplementedError
+
+    def show(self, config: TrainConfig, tokenizer: Tokenizer) -> None:
+        """What the end of training prints from the final weights (config.sample), on rank 0."""
+
+    # -- training ----------------------------------------------------------------------------------------------------
 
     def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig,
                  tokenizer_json: str, guard: GuardConfig | None = None, run_config: dict[str, Any] | None = None):
@@ -78,6 +121,7 @@ class Task(L.LightningModule):
         self.initial_val_loss: float | None = None
         self._val_sums: list[dict[str, torch.Tensor]] = []  # per validation batch: name -> [sum, count]
         self._rng_to_restore: dict[str, Any] | None = None
+        self.document_eot: int | None = None  # set: packed windows are split into documents at this token
 
     model: torch.nn.Module
 
@@ -226,133 +270,27 @@ class Task(L.LightningModule):
             self._rng_to_restore = None
 
 
-class CausalLM(Task):
-    """Next-token prediction with a GPT. Logs train/loss, val/loss, val/ppl, val/bpc (char tokenizers), lr."""
-
-    task = "causal_lm"
-
-    def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig, tokenizer_json: str,
-                 char_level: bool, guard: GuardConfig | None = None, run_config: dict[str, Any] | None = None,
-                 document_eot: int | None = None):
-        super().__init__(model_cfg, optim_cfg, trainer_cfg, tokenizer_json, guard, run_config)
-        self.char_level = char_level
-        self.document_eot = document_eot  # set: windows are split into documents at this token
-        self.model = GPT(model_cfg)
 
     def doc_ids(self, x: torch.Tensor) -> torch.Tensor | None:
         """Document index of every position: <|endoftext|> opens the next document (it predicts its first token)."""
         return None if self.document_eot is None else (x == self.document_eot).cumsum(dim=1)
 
-    def train_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, y = batch
-        return self.model(x, y, self.doc_ids(x))[1]
+    def check_kernel_for(self, config: TrainConfig, prompt_len: int, max_new_tokens: int) -> None:
+        """Self-check the model's kernel at the end-of-training display's shapes (batch 1); fall back if wrong."""
+        from minitx.kernel_check import checked_kernel, sampling_cases
 
-    def val_metrics(self, batch: tuple[torch.Tensor, torch.Tensor],
-                    batch_idx: int) -> dict[str, tuple[torch.Tensor, int]]:
-        n = batch[1].numel()
-        return {"loss": (self.train_loss(batch) * n, n)}
-
-    def derived_metrics(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        derived = {"ppl": means["loss"].exp()}
-        if self.char_level:
-            derived["bpc"] = means["loss"] / math.log(2)
-        return derived
+        kernel = self.model_cfg.attention
+        if config.model.attention_check and kernel != "naive":
+            parameter = next(self.model.parameters())
+            cases = sampling_cases(self.model_cfg, kernel, self.causal, prompt_len, max_new_tokens, True,
+                                   parameter.dtype, str(parameter.device))
+            self.model.transformer.set_attention(checked_kernel(kernel, cases), self.model_cfg.sdpa_backend)
 
 
-def mask_tokens(x: torch.Tensor, generator: torch.Generator, mask_id: int, special_ids: torch.Tensor, vocab_size: int,
-                p: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT's masking: choose a fraction p of the non-special positions; 80% of them become [MASK], 10% a random
-    non-special token, 10% stay as they are. Labels are the original tokens there and -100 (ignored) everywhere else.
-    `special_ids` (distinct) are the special tokens' ids: a loaded tokenizer.json has them at its end, not at 0..5."""
-    shape, device = x.shape, x.device
-    ordinary = torch.ones(vocab_size, dtype=torch.bool, device=device)
-    ordinary[special_ids] = False
-    eligible = ordinary[x]
-    chosen = (torch.rand(shape, generator=generator, device=device) < p) & eligible
-    action = torch.rand(shape, generator=generator, device=device)
-    nth = torch.randint(vocab_size - len(special_ids), shape, generator=generator, device=device)
-    random_tokens = torch.searchsorted(ordinary.cumsum(0), nth + 1)  # the nth non-special id (no host sync)
-    # a batch with no chosen position has no loss (0/0): choose one eligible position then (drawn last, so the
-    # masks of every other batch stay as they were; no host sync)
-    pick = (torch.rand(shape, generator=generator, device=device) * eligible).flatten().argmax()
-    fallback = torch.zeros(shape.numel(), dtype=torch.bool, device=device)
-    fallback[pick] = eligible.flatten()[pick] & ~chosen.any()
-    chosen = chosen | fallback.view(shape)
-    inputs = torch.where(chosen & (action < 0.8), mask_id, x)
-    inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_tokens, inputs)
-    return inputs, torch.where(chosen, x, -100)
+TASKS: dict[str, type[Task]] = {}  # task=<name> -> its class; the config key indexes it, nothing branches on it
 
 
-class MaskedLM(Task):
-    """BERT-style masked-LM pretraining of an Encoder on packed windows of the token stream. Masks are drawn on
-    the fly from (seed, batch number), and for validation from the batch index alone, so every run and every
-    resume sees the same masks. Logs val/loss, val/mlm_acc and val/majority_acc (always guessing the most common
-    token: the baseline mlm_acc has to beat)."""
-
-    task = "masked_lm"
-    VAL_SEED = 20260101
-
-    def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig, tokenizer_json: str,
-                 mask_id: int, special_ids: list[int], seed: int, majority_token: int, guard: GuardConfig | None = None,
-                 run_config: dict[str, Any] | None = None, document_eot: int | None = None,
-                 mlm_probability: float = 0.15):
-        super().__init__(model_cfg, optim_cfg, trainer_cfg, tokenizer_json, guard, run_config)
-        self.mask_id, self.seed, self.majority_token = mask_id, seed, majority_token
-        # never masked, never drawn as replacements; a buffer to follow the model's device, not saved in checkpoints
-        self.register_buffer("special_ids", torch.tensor(sorted(set(special_ids)), dtype=torch.long), persistent=False)
-        self.document_eot = document_eot
-        self.mlm_probability = mlm_probability
-        self.model = Encoder(model_cfg)
-
-    def masked_loss(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-        inputs, labels = mask_tokens(x, generator, self.mask_id, self.special_ids, self.model_cfg.vocab_size,
-                                     self.mlm_probability)
-        doc_ids = None if self.document_eot is None else (x == self.document_eot).cumsum(dim=1)
-        hidden = self.model.transformer(inputs, doc_ids=doc_ids)
-        chosen = labels != -100
-        logits = self.model.mlm_logits(hidden[chosen])  # only masked positions go through the head and the loss
-        targets = labels[chosen]  # (no position chosen only when none can be: then 0, not NaN)
-        return F.cross_entropy(logits, targets, reduction="sum") / max(targets.numel(), 1), logits, targets
-
-    def train_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        generator = torch.Generator(device=batch[0].device).manual_seed(self.seed * 1_000_003 + self.batches_seen)
-        return self.masked_loss(batch[0], generator)[0]
-
-    def val_metrics(self, batch: tuple[torch.Tensor, torch.Tensor],
-                    batch_idx: int) -> dict[str, tuple[torch.Tensor, int]]:
-        generator = torch.Generator(device=batch[0].device).manual_seed(self.VAL_SEED + batch_idx)
-        loss, logits, labels = self.masked_loss(batch[0], generator)
-        n = labels.numel()  # masked positions
-        return {"loss": (loss * n, n), "mlm_acc": ((logits.argmax(-1) == labels).sum(), n),
-                "majority_acc": ((labels == self.majority_token).sum(), n)}
-
-
-class SequenceClassifier(Task):
-    """A linear head over the Encoder's pooled states ([CLS] or mean); from scratch or from a masked-LM checkpoint.
-    Logs val/loss and val/acc."""
-
-    task = "classify"
-
-    def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig, tokenizer_json: str,
-                 labels: list[str], pooling: str = "cls", guard: GuardConfig | None = None,
-                 run_config: dict[str, Any] | None = None):
-        super().__init__(model_cfg, optim_cfg, trainer_cfg, tokenizer_json, guard, run_config)
-        self.labels, self.pooling = labels, pooling
-        self.model = Encoder(model_cfg, n_classes=len(labels), pooling=pooling)
-
-    def logits_and_loss(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        ids, key_padding, labels = batch
-        logits = self.model.class_logits(self.model(ids, key_padding), key_padding)
-        return logits, F.cross_entropy(logits, labels)
-
-    def train_loss(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return self.logits_and_loss(batch)[1]
-
-    def val_metrics(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                    batch_idx: int) -> dict[str, tuple[torch.Tensor, int]]:
-        logits, loss = self.logits_and_loss(batch)
-        n = len(batch[2])  # rows
-        return {"loss": (loss * n, n), "acc": ((logits.argmax(-1) == batch[2]).sum(), n)}
-
-    def checkpoint_extras(self) -> dict[str, Any]:
-        return {"labels": self.labels, "pooling": self.pooling}
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: make `cls` available as task=<cls.task>."""
+    TASKS[cls.task] = cls
+    return cls

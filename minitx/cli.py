@@ -1,0 +1,68 @@
+"""What every minitx command shares: `key=value` arguments read into a validated dataclass, `--help` that lists the
+keys with their defaults, and one error path (a user error is one line on stderr and exit status 2).
+
+minitx-train reads its arguments through Hydra (it composes conf/); the other commands read them here."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+import typing
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from minitx.config import ConfigError, MinitxError, field_notes, from_mapping
+
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """A MinitxError becomes one line on stderr and exit status 2 (HYDRA_FULL_ERROR=1 shows the traceback)."""
+    try:
+        yield
+    except MinitxError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_key_values(cls: type[T], argv: list[str]) -> T:
+    """Dataclass `cls` from `key=value` arguments over its defaults. Values are taken literally (no YAML parsing): a
+    string keeps its spaces and quotes (prompt="def "), and is converted only where the key's type says so."""
+    hints = typing.get_type_hints(cls)
+    typed: dict[str, Any] = {}
+    strings: dict[str, str] = {}  # set as typed, past OmegaConf (which would read "${...}" as an interpolation)
+    for arg in argv:
+        key, sep, raw = arg.partition("=")
+        if not sep:
+            raise ConfigError(f"{arg!r}: expected key=value (--help lists the keys)")
+        if key not in hints:
+            raise ConfigError(f"{key}: unknown key; known keys are {sorted(hints)}")
+        (strings if str in (hints[key], *typing.get_args(hints[key])) else typed)[key] = raw
+    return dataclasses.replace(from_mapping(cls, typed), **strings)  # type: ignore[type-var]
+
+
+def help_text(cls: type, usage: str) -> str:
+    """`usage`, then each key with its default and what it means (the dataclass's trailing comments)."""
+    from minitx.config_files import scalar
+
+    notes = field_notes(cls)
+    rows = [(f"  {f.name}={scalar(getattr(cls(), f.name))}", notes.get(f.name, "")) for f in dataclasses.fields(cls)]
+    width = max(len(key) for key, _ in rows) + 2
+    return usage.rstrip() + "\n\nkeys (key=value; default shown):\n" + "".join(
+        f"{key:<{width}}{note}".rstrip() + "\n" for key, note in rows)
+
+
+def run_command(cls: type[T], usage: str, action: Callable[[T], None], argv: list[str] | None = None) -> None:
+    """A console script: `--help` prints the keys; otherwise parse, validate (cls.validate) and run `action`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(help_text(cls, usage), end="")
+        return
+    with exit_on_user_error():
+        config = parse_key_values(cls, argv)
+        action(config.validate() if hasattr(config, "validate") else config)

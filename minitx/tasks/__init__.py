@@ -1,0 +1,10 @@
+"""Training tasks: each class says what its model, data, loss and metrics are, and how minitx-train wires it
+(minitx.tasks.base.Task). `task=<name>` picks one from TASKS; adding a task is one class here plus an experiment."""
+
+from minitx.tasks.base import TASKS, NonFiniteError, Prepared, Task, adamw, lr_at, register_task
+from minitx.tasks.causal_lm import CausalLM
+from minitx.tasks.classify import SequenceClassifier
+from minitx.tasks.masked_lm import MaskedLM, mask_tokens
+
+__all__ = ["TASKS", "CausalLM", "MaskedLM", "NonFiniteError", "Prepared", "SequenceClassifier", "Task", "adamw",
+           "lr_at", "mask_tokens", "register_task"]

@@ -1,0 +1,99 @@
+"""Next-token prediction with a GPT: the decoder-only language model."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from minitx.config import GuardConfig, ModelConfig, OptimConfig, TrainConfig, TrainerConfig
+from minitx.data import TokenDataModule, prepare_data
+from minitx.model import GPT
+from minitx.tasks.base import Prepared, Task, register_task
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+
+def token_stream(config: TrainConfig, encoder: bool) -> Prepared:
+    """The corpus as cached token streams (train, val) of at least one window each; `encoder`: the tokenizer gets
+    the encoder's special tokens."""
+    data = prepare_data(config.data, config.tokenizer, config.model.block_size + 1, encoder=encoder)
+    description = (data.description + " (token cache)" * data.from_cache +
+                   f", {len(data.train):,} train / {len(data.val):,} val tokens")
+    return Prepared(data, data.tokenizer, description)
+
+
+def document_eot(config: TrainConfig, tokenizer: Tokenizer) -> int | None:
+    """The <|endoftext|> id that splits packed windows into documents (data.document_mask), else None."""
+    from minitx.tokenizer import EOT
+
+    return tokenizer.token_to_id(EOT) if config.data.document_mask else None
+
+
+@register_task
+class CausalLM(Task):
+    """Next-token prediction with a GPT. Logs train/loss, val/loss, val/ppl, val/bpc (char tokenizers), lr; ends with
+    a sample continuing sample.prompt."""
+
+    task = "causal_lm"
+    causal = True
+
+    @classmethod
+    def logit_share(cls, config: TrainConfig) -> float:
+        return 1.0
+
+    @classmethod
+    def prepare(cls, config: TrainConfig) -> Prepared:
+        return token_stream(config, encoder=False)
+
+    @classmethod
+    def build(cls, config: TrainConfig, model_cfg: ModelConfig, prepared: Prepared,
+              run_config: dict[str, Any]) -> tuple[Task, TokenDataModule]:
+        from minitx.tokenizer import is_char_level
+
+        tokenizer = prepared.tokenizer
+        module = cls(model_cfg, config.optim, config.trainer, tokenizer.to_str(), is_char_level(tokenizer),
+                     config.guard, run_config, document_eot(config, tokenizer))
+        return module, TokenDataModule(prepared.data, config.data, model_cfg.block_size, config.seed)
+
+    def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig, tokenizer_json: str,
+                 char_level: bool, guard: GuardConfig | None = None, run_config: dict[str, Any] | None = None,
+                 document_eot: int | None = None):
+        super().__init__(model_cfg, optim_cfg, trainer_cfg, tokenizer_json, guard, run_config)
+        self.char_level = char_level
+        self.document_eot = document_eot
+        self.model = GPT(model_cfg)
+
+    def train_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return self.model(x, y, self.doc_ids(x))[1]
+
+    def val_metrics(self, batch: tuple[torch.Tensor, torch.Tensor],
+                    batch_idx: int) -> dict[str, tuple[torch.Tensor, int]]:
+        n = batch[1].numel()
+        return {"loss": (self.train_loss(batch) * n, n)}
+
+    def derived_metrics(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        derived = {"ppl": means["loss"].exp()}
+        if self.char_level:
+            derived["bpc"] = means["loss"] / math.log(2)
+        return derived
+
+    def show(self, config: TrainConfig, tokenizer: Tokenizer) -> None:
+        """A sample of sample.max_new_tokens tokens continuing sample.prompt (from <|endoftext|> when empty)."""
+        from minitx.generation import generate
+        from minitx.tokenizer import EOT, stream_decode
+
+        if config.sample.max_new_tokens <= 0:
+            return
+        self.model.eval()
+        prompt = tokenizer.encode(config.sample.prompt).ids or [tokenizer.token_to_id(EOT)]
+        self.check_kernel_for(config, len(prompt), config.sample.max_new_tokens)
+        generator = torch.Generator(device=next(self.model.parameters()).device).manual_seed(config.seed)
+        print(f"sample:\n{config.sample.prompt}", end="", flush=True)
+        for piece in stream_decode(tokenizer, generate(self.model, prompt, config.sample.max_new_tokens,
+                                                       temperature=0.8, top_k=200, generator=generator)):
+            print(piece, end="", flush=True)
+        print(flush=True)
