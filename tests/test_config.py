@@ -81,3 +81,16 @@ def test_typed_merge_keeps_one_line_errors_and_fills_defaults() -> None:
         assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
     with pytest.raises(ConfigError, match=r"^model: expected a section of keys$"):
         from_mapping(TrainConfig, {"model": 5})
+
+
+def test_train_help_lists_the_groups_and_every_key() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "minitx.train", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("usage: minitx-train")
+    assert "experiment: classify, mlm, shakespeare_char" in result.stdout
+    for field in dataclasses.fields(ModelConfig):
+        assert f"  {field.name}: " in result.stdout, field.name

@@ -144,14 +144,18 @@ def test_mlm_beats_the_majority_baseline_and_fills_masks(mlm_run: Path) -> None:
     assert "'o'" in line  # 'on' is the only word that fits: the true token is among the top 3
 
 
-def test_classifier_learns_a_small_labelled_set(tmp_path: Path, mlm_run: Path) -> None:
+def test_classifier_learns_a_small_labelled_set(tmp_path: Path, mlm_run: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "reviews.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in labelled_rows(500)))
     overrides = ["experiment=classify", *ENCODER, f"data.path={data}", "trainer.max_steps=400",
                  "trainer.val_check_interval=200", "optim.lr=3e-3", "model.dropout=0.0"]
     # block 64: every row fits whole (at 32 characters the label word of ~8% of rows is cut off, capping accuracy at
     # ~0.92-0.96 depending on the machine's rounding)
-    best = train(parse_config(compose_config(*overrides, "model.block_size=64")), tmp_path / "scratch")
+    best = train(parse_config(compose_config(*overrides, "model.block_size=64",
+                                             "sample.prompt='the film was great and the music'")), tmp_path / "scratch")
+    shown = capsys.readouterr().out.split("classify: the film was great and the music\n")[1].splitlines()
+    assert shown[0].startswith("pos\t") and shown[1].startswith("neg\t")  # the end of training labels the prompt
     import csv
 
     with open(tmp_path / "scratch" / "csv" / "metrics.csv") as f:

@@ -7,6 +7,7 @@ import copy
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import lightning as L
@@ -109,15 +110,24 @@ def test_a_batch_with_no_masked_position_still_has_one() -> None:
     assert (mask_tokens(specials, torch.Generator().manual_seed(0), 3, torch.arange(6), 40, p=0.5)[1] == -100).all()
 
 
-def test_masked_lm_trains_with_a_small_mask_probability(tmp_path: Path) -> None:
-    """The issue's command: data.mlm_probability=0.02 data.batch_size=2 model.block_size=16 stopped at a NaN loss."""
+def test_masked_lm_trains_with_a_small_mask_probability(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """The issue's command: data.mlm_probability=0.02 data.batch_size=2 model.block_size=16 stopped at a NaN loss.
+    The run ends by showing the fills of sample.prompt's [MASK]; a prompt longer than a block is not shown and does
+    not fail the finished run."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(make_text(600))
-    train(parse_config(compose_config("experiment=mlm", *ENCODER, f"data.path={corpus}", "data.mlm_probability=0.02",
-                                      "data.batch_size=2", "model.block_size=16", "trainer.max_steps=30",
-                                      "trainer.val_check_interval=15", "optim.warmup_steps=2")), tmp_path / "run")
+    overrides = ["experiment=mlm", *ENCODER, f"data.path={corpus}", "data.mlm_probability=0.02", "data.batch_size=2",
+                 "model.block_size=16", "trainer.max_steps=30", "trainer.val_check_interval=15",
+                 "optim.warmup_steps=2"]
+    train(parse_config(compose_config(*overrides)), tmp_path / "run")
     numbers = logged(tmp_path / "run")
     assert sorted(numbers) == [0, 15, 30] and all(math.isfinite(n["val/loss"]) for n in numbers.values())
+    assert re.search(r"fill-mask: import o\[MASK\]\n\[MASK\] 1: '.' 0\.\d+ ", capsys.readouterr().out)
+    long = "sample.prompt='the big cat sat on the [MASK] under the log'"
+    train(parse_config(compose_config(*overrides, "trainer.max_steps=2", long)), tmp_path / "long")
+    assert "fill-mask" not in capsys.readouterr().out
+    assert "sample.prompt is 38 tokens, more than model.block_size=16: no fill-mask shown" in caplog.text
 
 
 @pytest.mark.slow

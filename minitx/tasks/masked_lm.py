@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -16,6 +17,8 @@ from minitx.tasks.causal_lm import document_eot, token_stream
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
+
+log = logging.getLogger("minitx")
 
 
 def mask_tokens(x: torch.Tensor, generator: torch.Generator, mask_id: int, special_ids: torch.Tensor, vocab_size: int,
@@ -112,8 +115,13 @@ class MaskedLM(Task):
 
         if MASK not in config.sample.prompt:
             return
+        length = len(tokenizer.encode(config.sample.prompt, add_special_tokens=False).ids)
+        if length > self.model_cfg.block_size:  # the run has finished: say so, do not fail it
+            log.warning("sample.prompt is %d tokens, more than model.block_size=%d: no fill-mask shown", length,
+                        self.model_cfg.block_size)
+            return
         self.model.eval()
-        self.check_kernel_for(config, len(tokenizer.encode(config.sample.prompt, add_special_tokens=False).ids), 0)
+        self.check_kernel_for(config, length, 0)
         print(f"fill-mask: {config.sample.prompt}", flush=True)
         for n, candidates in enumerate(fill_mask(self.model, tokenizer, config.sample.prompt), start=1):
             print(f"[MASK] {n}: " + "  ".join(f"{token!r} {p:.3f}" for token, p in candidates), flush=True)
