@@ -32,18 +32,35 @@ def exit_on_user_error() -> Iterator[None]:
 
 def parse_key_values(cls: type[T], argv: list[str]) -> T:
     """Dataclass `cls` from `key=value` arguments over its defaults. Values are taken literally (no YAML parsing): a
-    string keeps its spaces and quotes (prompt="def "), and is converted only where the key's type says so."""
+    string keeps its spaces and quotes (prompt="def "); a number or a bool (true/false/1/0) is read where the key's
+    type says so."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
-    typed: dict[str, Any] = {}
-    strings: dict[str, str] = {}  # set as typed, past OmegaConf (which would read "${...}" as an interpolation)
+    values: dict[str, Any] = {}
     for arg in argv:
         key, sep, raw = arg.partition("=")
         if not sep:
             raise ConfigError(f"{arg!r}: expected key=value (--help lists the keys)")
-        if key not in hints:
-            raise ConfigError(f"{key}: unknown key; known keys are {sorted(hints)}")
-        (strings if str in (hints[key], *typing.get_args(hints[key])) else typed)[key] = raw
-    return dataclasses.replace(from_mapping(cls, typed), **strings)  # type: ignore[type-var]
+        if key not in fields:
+            raise ConfigError(f"{key}: unknown key; known keys are {sorted(fields)}")
+        values[key] = _read(raw, hints[key], key)
+    return from_mapping(cls, values)
+
+
+def _read(raw: str, hint: Any, key: str) -> Any:
+    """A command-line string as the value a field of type `hint` holds; strings stay exactly as typed."""
+    options = typing.get_args(hint) or (hint,)
+    if str in options:
+        return raw
+    try:
+        if bool in options:
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return raw.lower() in ("true", "1")
+        return int(raw) if int in options else float(raw)
+    except ValueError:
+        wanted = " or ".join(o.__name__ for o in options if o is not type(None))
+        raise ConfigError(f"{key}={raw!r}: expected {wanted}") from None
 
 
 def help_text(cls: type, usage: str) -> str:

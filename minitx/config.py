@@ -1,7 +1,8 @@
-"""Typed, validated configuration.
+"""Typed, validated configuration: every setting's one home.
 
-YAML in `conf/` is composed by Hydra, then every section is turned into one of these dataclasses.
-Each bad value fails here, at start-up, with one line that names the key, the value and the fix.
+Each default lives here, with a trailing comment saying what the key means; conf/*.yaml is written from these
+dataclasses (minitx.config_files). Hydra composes the YAML, then every section is read into one of these dataclasses,
+and each bad value fails here, at start-up, with one line that names the key, the value and the fix.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ def check_positive(section: str, obj: Any, *names: str) -> None:
         value = getattr(obj, name)
         if value <= 0:
             fail(f"{section}.{name}", value, "must be > 0")
+
+
+# a checkpoint's model settings that a resumed run (RUNTIME_KEYS may change) or a fine-tuned classifier
+# (ARCHITECTURE_KEYS must match) rebuilds
+RUNTIME_KEYS = ("attention", "sdpa_backend", "compile", "attention_check")  # how the model runs, not what it is
+ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos_emb", "norm", "activation")
 
 
 @dataclass
@@ -257,7 +264,7 @@ class LoggerConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Periodic checkpoints besides best.ckpt (by val/loss): step-NNNNNN.ckpt and last.ckpt, written atomically."""
+    """Periodic checkpoints besides best.ckpt (by val/loss)."""
 
     every_n_steps: int = 250  # step-NNNNNN.ckpt and last.ckpt, written atomically
     keep_last: int = 2  # periodic checkpoints kept; older ones are deleted
@@ -311,7 +318,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     name: str = "default"  # outputs/<name>/<timestamp>/, and the wandb run name
-    task: str = "causal_lm"  # a name in minitx.tasks.TASKS: causal_lm (GPT) | masked_lm (encoder) | classify
+    task: str = "causal_lm"  # causal_lm (GPT) | masked_lm (encoder) | classify | package.module:Class (your own)
     seed: int = 1337
     resume: str | None = None  # a run directory or .ckpt: continue that run exactly (same command + resume=...)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # besides best.ckpt (lowest val/loss)
@@ -320,7 +327,7 @@ class TrainConfig:
     sample: SampleAfterConfig = field(default_factory=SampleAfterConfig)  # shown from the final weights
 
     def validate(self) -> TrainConfig:
-        from minitx.tasks import TASKS  # (imports Lightning: validation is for training runs)
+        from minitx.tasks import task_class  # (imports Lightning: validation is for training runs)
 
         self.model.validate()
         self.tokenizer.validate()
@@ -333,9 +340,7 @@ class TrainConfig:
         self.perf.validate()
         if not 0 <= self.seed < 2**32:  # numpy's and Lightning's seeding refuse anything else, with a traceback
             fail("seed", self.seed, "must be in [0, 2**32)")
-        if self.task not in TASKS:
-            fail("task", self.task, f"choose one of {sorted(TASKS)}")
-        TASKS[self.task].check_config(self)
+        task_class(self.task).check_config(self)
         devices = self.trainer.devices
         several = (isinstance(devices, int) and devices != 1) or (isinstance(devices, list) and len(devices) > 1)
         if self.guard.on_nonfinite == "skip" and (several or self.trainer.num_nodes > 1):
@@ -350,35 +355,70 @@ T = TypeVar("T")
 
 
 def from_mapping(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
-    """Dataclass `cls` from a plain mapping: OmegaConf's typed merge onto the dataclass's defaults (missing keys take
-    them), with its errors turned into one line that names the key."""
+    """Dataclass `cls` from a plain mapping (a resolved Hydra config, a checkpoint's settings): every value checked
+    against its field's type, then merged onto the dataclass's defaults by OmegaConf (which refuses unknown keys), each
+    error one line that names the key. Strings are set aside and put back as they are: the mapping is already resolved,
+    so "${...}" in a prompt or a path is text, not an interpolation."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+    from omegaconf.errors import ConfigKeyError
 
-    _check_sections(cls, values, prefix)
+    typed, strings = _checked(cls, values, prefix)
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))  # type: ignore[return-value]
+        merged = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), typed))
     except ConfigKeyError as e:
         section = _field_type(cls, e.full_key.rpartition(".")[0])
         known = sorted(f.name for f in dataclasses.fields(section)) if dataclasses.is_dataclass(section) else []
         raise ConfigError(f"{prefix}{e.full_key}: unknown key; known keys are {known}") from None
-    except OmegaConfBaseException as e:
-        hint = _field_type(cls, e.full_key)
-        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-        if e.value is None and type(None) not in options:
-            fail(prefix + e.full_key, None, "must be set")
-        wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
-        fail(prefix + e.full_key, e.value, f"expected {wanted}")
+    return _with_strings(merged, strings)  # type: ignore[return-value]
 
 
-def _check_sections(cls: Any, values: Any, prefix: str) -> None:
-    """A section given as a plain value (model=5) fails naming its key (OmegaConf's error names none)."""
+def _options(hint: Any) -> tuple[Any, ...]:
+    """The types a field accepts: (int,) for int, (str, NoneType) for str | None."""
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
+def _accepts(option: Any, value: Any) -> bool:
+    """Whether a field of type `option` takes `value` as it is (an int for a float, a number for a str; a bool only
+    for a bool)."""
+    if option is Any:
+        return True
+    if isinstance(value, bool) or option is bool:
+        return option is bool and isinstance(value, bool)
+    numbers = {int: (int,), float: (int, float), str: (str, int, float)}
+    return isinstance(value, numbers.get(option, ()))
+
+
+def _checked(cls: Any, values: Mapping[str, Any], prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`values` split into what OmegaConf merges and the strings of str fields (nested as the sections are); a value
+    of the wrong type fails, naming its key. Keys `cls` lacks are left for OmegaConf to refuse."""
     hints = typing.get_type_hints(cls)
+    typed: dict[str, Any] = {}
+    strings: dict[str, Any] = {}
     for key, value in values.items():
-        if dataclasses.is_dataclass(hints.get(key)):
+        hint, where = hints.get(key), f"{prefix}{key}"
+        if key not in hints:
+            typed[key] = value
+        elif dataclasses.is_dataclass(hint):
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{prefix}{key}: expected a section of keys")
-            _check_sections(hints[key], value, f"{prefix}{key}.")
+                fail(where, value, "expected a section of keys")
+            typed[key], strings[key] = _checked(hint, value, where + ".")
+        elif isinstance(value, str) and str in _options(hint):
+            strings[key] = value
+        elif value is None:
+            if type(None) not in _options(hint):
+                fail(where, value, "must be set")
+            typed[key] = value
+        elif not any(_accepts(option, value) for option in _options(hint)):
+            wanted = " or ".join(o.__name__ for o in _options(hint) if o is not type(None))
+            fail(where, value, f"expected {wanted}")
+        else:
+            typed[key] = value
+    return typed, strings
+
+
+def _with_strings(obj: Any, strings: dict[str, Any]) -> Any:
+    changes = {k: _with_strings(getattr(obj, k), v) if isinstance(v, dict) else v for k, v in strings.items()}
+    return dataclasses.replace(obj, **changes) if changes else obj
 
 
 def _field_type(cls: Any, key: str) -> Any:

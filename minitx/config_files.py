@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
+from omegaconf import OmegaConf
 
 from minitx.config import (
     DataConfig,
@@ -51,7 +52,7 @@ GROUP_FILES: dict[str, tuple[str, Any]] = {
     "model/gpt.yaml": ("The transformer: a GPT (task=causal_lm) or an encoder (masked_lm, classify) on the same "
                        "blocks.\n# Sized to train the built-in corpus in 1-2 minutes on 2 CPU cores.", ModelConfig()),
     "tokenizer/char.yaml": ("One token per character of the training split (plus the special tokens).",
-                            TokenizerConfig(kind="char")),
+                            TokenizerConfig(kind="char", vocab_size=0)),
     "tokenizer/bpe.yaml": ("Byte-level BPE trained on the training split.", TokenizerConfig(kind="bpe")),
     "data/builtin.yaml": ("The built-in corpus (the running Python's top-level standard-library modules) unless "
                           "path or hub_id is set.", DataConfig()),
@@ -65,20 +66,29 @@ GROUP_FILES: dict[str, tuple[str, Any]] = {
     "logger/csv.yaml": ("metrics.csv in the run directory.", LoggerConfig(kind="csv")),
     "logger/none.yaml": ("No logger: the console only.", LoggerConfig(kind="none")),
 }
-GROUPS = {"model", "tokenizer", "data", "optim", "trainer", "logger"}  # TrainConfig's sections that are groups
+GROUPS = {name.split("/")[0] for name in GROUP_FILES}  # TrainConfig's sections that come from a group
 
 
 def scalar(value: Any) -> str:
-    """`value` as a YAML scalar that reads back as the same value."""
+    """`value` as a YAML scalar that Hydra (OmegaConf's YAML loader) reads back as the same value."""
     if value is None or isinstance(value, bool):
         return json.dumps(value)
     if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return ".nan" if math.isnan(value) else ("-.inf" if value < 0 else ".inf")
         text = repr(value)
         return text.replace("e", ".0e", 1) if "e" in text and "." not in text else text  # YAML 1.1 wants 1.0e-05
     if isinstance(value, str):
-        plain = value and value.strip() == value and yaml.safe_load(value) == value and not set(value) & set("#:{}[]")
-        return value if plain else json.dumps(value)
+        text = value.replace("${", "\\${")  # text, not an interpolation
+        return text if value and _reads_back(text, value) else json.dumps(text)
     return json.dumps(value)
+
+
+def _reads_back(text: str, value: str) -> bool:
+    try:
+        return OmegaConf.to_container(OmegaConf.create(f"k: {text}"), resolve=True) == {"k": value}
+    except Exception:  # not valid YAML unquoted
+        return False
 
 
 def section_lines(obj: Any, indent: str = "", skip: set[str] = frozenset()) -> list[tuple[str, str]]:
@@ -120,7 +130,7 @@ SOURCE_CONF = Path(__file__).resolve().parent.parent / "conf"  # the repository'
 def stale_files(conf: Path) -> list[str]:
     """The rendered files of `conf` that are missing or differ from their rendering."""
     return [name for name in rendered_files()
-            if not (conf / name).is_file() or (conf / name).read_text() != render(name)]
+            if not (conf / name).is_file() or (conf / name).read_text(encoding="utf-8") != render(name)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,13 +139,17 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     folders = [arg for arg in argv if arg != "--check"]
     conf = Path(folders[0]) if folders else SOURCE_CONF
+    if not (conf / "experiment").is_dir():
+        print(f"error: {conf} is not a minitx conf/ folder (an installed minitx has none to write; name one)",
+              file=sys.stderr)
+        sys.exit(2)
     stale = stale_files(conf)
     if "--check" in argv:
         for name in stale:
             print(f"{conf / name} is out of date with minitx/config.py", file=sys.stderr)
         sys.exit(1 if stale else 0)
     for name in stale:
-        (conf / name).write_text(render(name))
+        (conf / name).write_text(render(name), encoding="utf-8")
         print(f"wrote {conf / name}")
 
 

@@ -142,6 +142,7 @@ def _split_files(path: str, val_split: str) -> dict[str, list[Path]]:
         raise DataError(f"data.path={path!r}: no {'/'.join(sorted(BUILDERS))} files in it")
     if Path(path).is_file():
         return {"train": files}
+
     def named(f: Path, split: str) -> bool:
         return f.stem == split or f.stem.startswith(f"{split}-")
 

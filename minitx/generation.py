@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import torch
 from torch import Tensor
@@ -129,3 +130,16 @@ def classify(model: Encoder, tokenizer: Tokenizer, text: str, labels: list[str])
     hidden = model(torch.tensor([ids], device=device))
     probs = model.class_logits(hidden)[0].softmax(dim=-1)
     return sorted(zip(labels, probs.tolist(), strict=True), key=lambda pair: -pair[1])
+
+
+def show_fills(model: Encoder, tokenizer: Tokenizer, text: str, top: int = 5, out: TextIO | None = None) -> None:
+    """One line per [MASK] in `text`: its `top` most likely fills with their probabilities."""
+    for n, candidates in enumerate(fill_mask(model, tokenizer, text, top), start=1):
+        shown = "  ".join(f"{token!r} {p:.3f}" for token, p in candidates)
+        print(f"[MASK] {n}: {shown}", file=out or sys.stdout, flush=True)
+
+
+def show_labels(model: Encoder, tokenizer: Tokenizer, text: str, labels: list[str], out: TextIO | None = None) -> None:
+    """One line per label, most likely first: `label<TAB>probability`."""
+    for label, p in classify(model, tokenizer, text, labels):
+        print(f"{label}\t{p:.4f}", file=out or sys.stdout, flush=True)

@@ -67,7 +67,7 @@ def sample(cfg: SampleConfig, out: TextIO = sys.stdout) -> None:
 
     from minitx.attention import kernel_unavailable
     from minitx.checkpoint import load
-    from minitx.generation import STATIC_KERNELS, CompiledDecoding, classify, fill_mask, generate
+    from minitx.generation import STATIC_KERNELS, CompiledDecoding, generate, show_fills, show_labels
     from minitx.kernel_check import checked_kernel, sampling_cases
     from minitx.tokenizer import EOT, stream_decode, unknown_chars
 
@@ -93,13 +93,10 @@ def sample(cfg: SampleConfig, out: TextIO = sys.stdout) -> None:
         if checked != kernel:
             loaded.model.transformer.set_attention(checked, loaded.config.sdpa_backend)
     if loaded.task == "masked_lm":
-        for n, candidates in enumerate(fill_mask(loaded.model, tokenizer, cfg.prompt, cfg.candidates), start=1):
-            shown = "  ".join(f"{token!r} {p:.3f}" for token, p in candidates)
-            print(f"[MASK] {n}: {shown}", file=out, flush=True)
+        show_fills(loaded.model, tokenizer, cfg.prompt, cfg.candidates, out)
         return
     if loaded.task == "classify":
-        for label, p in classify(loaded.model, tokenizer, cfg.prompt, loaded.labels or []):
-            print(f"{label}\t{p:.4f}", file=out, flush=True)
+        show_labels(loaded.model, tokenizer, cfg.prompt, loaded.labels or [], out)
         return
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     compiled = None

@@ -1,5 +1,5 @@
 """`minitx-train`: compose the Hydra config in conf/, validate it, and train: config -> resume / device / kernel ->
-the task (minitx.tasks.TASKS[config.task]) -> its data -> its module -> Trainer -> fit -> what the task shows.
+the task (minitx.tasks.task_class(config.task)) -> its data -> its module -> Trainer -> fit -> what the task shows.
 
 Nothing here knows what a task is; each task class wires its own data, model and data module."""
 
@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from minitx.checkpoint import require_same_model
+from minitx.checkpoint import CHECKPOINT_KEY, require_same_model
 from minitx.cli import exit_on_user_error
-from minitx.config import ConfigError, ModelConfig, TrainConfig, from_mapping
+from minitx.config import RUNTIME_KEYS, ConfigError, MinitxError, ModelConfig, TrainConfig, from_mapping
 from minitx.resources import config_dir
 
 if TYPE_CHECKING:
@@ -47,10 +47,6 @@ def resume_checkpoint(resume: str) -> Path:
     return path
 
 
-# how the model runs, not what it is: a resumed run may choose these afresh (attention=auto may resolve differently)
-RUNTIME_KEYS = ("attention", "sdpa_backend", "compile", "attention_check")
-
-
 def check_same_run(meta: dict[str, Any], model_cfg: ModelConfig, tokenizer_json: str | None, resume: str) -> None:
     """A resumed run must rebuild the checkpoint's model and tokenizer exactly. Without the tokenizer (before the
     data is read) the vocabulary size is checked only if it is set explicitly."""
@@ -73,9 +69,9 @@ def cpu_has_bf16() -> bool:
 
 def attention_masks(config: TrainConfig) -> set[str]:
     """The kinds of mask a run's batches carry, which its kernel must take (a task that pads its rows: padding)."""
-    from minitx.tasks import TASKS
+    from minitx.tasks import task_class
 
-    return {name for name, on in (("document", config.data.document_mask), ("padding", TASKS[config.task].padded),
+    return {name for name, on in (("document", config.data.document_mask), ("padding", task_class(config.task).padded),
                                   ("window", config.model.attention_window > 0)) if on}
 
 
@@ -84,9 +80,9 @@ def training_cases(config: TrainConfig, kernel: str, device: str) -> list[Any]:
     the kernel self-check (minitx.kernel_check)."""
     from minitx.config import compute_dtype
     from minitx.kernel_check import COMPILED_PER_SHAPE, AttentionCase
-    from minitx.tasks import TASKS
+    from minitx.tasks import task_class
 
-    task, m = TASKS[config.task], config.model
+    task, m = task_class(config.task), config.model
     # a kernel compiled per shape is checked at the run's own batch size (its graph); others at 2 rows, to be quick
     batch = config.data.batch_size if kernel in COMPILED_PER_SHAPE else 2
     case = AttentionCase(m.n_head, m.n_embd // m.n_head, m.block_size, m.block_size,
@@ -105,8 +101,6 @@ class Resume:
 
     @property
     def meta(self) -> dict[str, Any]:
-        from minitx.checkpoint import CHECKPOINT_KEY
-
         return self.state[CHECKPOINT_KEY]
 
     @property
@@ -257,14 +251,15 @@ def writable(*folders: Path) -> None:
 
 def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None) -> float:
     """Train per `config`, write checkpoints, show what the task shows at the end (a sample); return the best value
-    of the task's monitored metric (val/loss). `callbacks` are added to minitx's own (tests use it to inject faults)."""
+    of the task's monitored metric (Task.monitor: val/loss for minitx's tasks). `callbacks` are added to minitx's own
+    (tests use it to inject faults)."""
     import lightning as L
 
-    from minitx.tasks import TASKS
+    from minitx.tasks import task_class
     from minitx.tokenizer import id_limit
 
     quiet_lightning()
-    task = TASKS[config.task]
+    task = task_class(config.task)
     resume = Resume.of(config)
     ckpt_dir = resume.path.parent if resume else out_dir / "checkpoints"  # a resumed run keeps writing where it was
     writable(out_dir, ckpt_dir)
@@ -288,14 +283,18 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
             log.info("resuming %s at step %d", resume.path, resume.step)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume.path) if resume else None)
 
-    final = float(trainer.callback_metrics["val/loss"])
-    best_loss = float(best.best_model_score) if best.best_model_score is not None else final
+    metric = task.monitor[0]
+    final = float(trainer.callback_metrics[metric])
+    best_value = float(best.best_model_score) if best.best_model_score is not None else final
     if trainer.is_global_zero:
-        start = f"{module.initial_val_loss:.4f} at step 0 -> " if module.initial_val_loss is not None else ""
-        log.info("val/loss %s%.4f at step %d (best %.4f)", start, final, trainer.global_step, best_loss)
+        start = f"{module.initial_metrics[metric]:.4f} at step 0 -> " if metric in module.initial_metrics else ""
+        log.info("%s %s%.4f at step %d (best %.4f)", metric, start, final, trainer.global_step, best_value)
         print(f"checkpoint: {best.best_model_path}", flush=True)
-        module.show(config, prepared.tokenizer)
-    return best_loss
+        try:
+            module.show(config, prepared.tokenizer)
+        except MinitxError as e:  # the run and its checkpoints are done: a display that cannot be made is a warning
+            log.warning("nothing shown at the end of training: %s", e)
+    return best_value
 
 
 def check_output_dir(argv: list[str]) -> None:

@@ -22,7 +22,6 @@ from minitx.config import ModelConfig  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-
 def make_text(n_lines: int, seed: int = 0) -> str:
     """A small learnable language: sentences from a tiny grammar, one per line."""
     rng = random.Random(seed)

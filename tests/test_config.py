@@ -37,6 +37,21 @@ def test_yaml_holds_exactly_the_schema_defaults(name: str) -> None:
     assert (CONF / name).read_text() == render(name)  # and its comments are the dataclass's
 
 
+def test_every_group_file_is_rendered_from_the_schema() -> None:
+    """A hand-written option file would be a second home for its defaults (experiments and hydra/ are not defaults)."""
+    files = {p.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml")}
+    assert {f for f in files if f.split("/")[0] not in ("experiment", "hydra")} == set(rendered_files())
+
+
+@pytest.mark.parametrize("value", ["def ", "\n", "", "1e-5", "@x", "`x", "*a", "!x", "%x", "${x}", "a: b", "#c",
+                                   "yes", "null", "[MASK]", "import o[MASK]", "x\\y", 1e-5, 10000.0, float("inf"),
+                                   None, True, 3])
+def test_rendered_values_read_back_as_the_same_value(value: object) -> None:
+    from minitx.config_files import scalar
+
+    assert OmegaConf.to_container(OmegaConf.create(f"k: {scalar(value)}"), resolve=True) == {"k": value}
+
+
 def test_a_stale_yaml_file_is_found(tmp_path: Path) -> None:
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)
@@ -74,13 +89,19 @@ def test_typed_merge_keeps_one_line_errors_and_fills_defaults() -> None:
     cases = [({"n_layer": "two"}, "model.n_layer='two': expected int"),
              ({"n_layr": 2}, "model.n_layr: unknown key; known keys are ['activation',"),
              ({"n_layer": None}, "model.n_layer=None: must be set"),
-             ({"init_from": [1]}, "model.init_from=[1]: expected str")]
+             ({"init_from": [1]}, "model.init_from=[1]: expected str"),
+             ({"compile": 2}, "model.compile=2: expected bool"),  # a bool only where a bool goes
+             ({"n_layer": True}, "model.n_layer=True: expected int"),
+             ({"dropout": "0.1"}, "model.dropout='0.1': expected float")]
     for values, message in cases:
         with pytest.raises(ConfigError) as e:
             from_mapping(ModelConfig, values, "model.")
         assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
-    with pytest.raises(ConfigError, match=r"^model: expected a section of keys$"):
+    with pytest.raises(ConfigError, match=r"^model=5: expected a section of keys$"):
         from_mapping(TrainConfig, {"model": 5})
+    resolved = {"sample": {"prompt": "echo ${HOME} \\${x}"}, "data": {"path": "a${b"}}  # already resolved: text
+    config = from_mapping(TrainConfig, resolved)
+    assert (config.sample.prompt, config.data.path) == ("echo ${HOME} \\${x}", "a${b")
 
 
 def test_train_help_lists_the_groups_and_every_key() -> None:

@@ -127,7 +127,8 @@ def test_masked_lm_trains_with_a_small_mask_probability(tmp_path: Path, capsys: 
     long = "sample.prompt='the big cat sat on the [MASK] under the log'"
     train(parse_config(compose_config(*overrides, "trainer.max_steps=2", long)), tmp_path / "long")
     assert "fill-mask" not in capsys.readouterr().out
-    assert "sample.prompt is 38 tokens, more than model.block_size=16: no fill-mask shown" in caplog.text
+    assert ("nothing shown at the end of training: sample.prompt='the big cat sat on the [MASK] under the log' is 38 "
+            "tokens, more than model.block_size=16") in caplog.text
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import importlib
 import logging
 import math
 from dataclasses import dataclass
@@ -17,8 +18,8 @@ import torch
 
 from minitx.callbacks import write
 from minitx.checkpoint import CHECKPOINT_KEY
-from minitx.config import GuardConfig, MinitxError, ModelConfig, OptimConfig, TrainConfig, TrainerConfig
-from minitx.data import global_batch_index
+from minitx.config import ConfigError, GuardConfig, MinitxError, ModelConfig, OptimConfig, TrainConfig, TrainerConfig
+from minitx.data import global_batch_index, prepare_data
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -118,7 +119,7 @@ class Task(L.LightningModule):
         self.run_config = run_config or {}
         self.batches_seen = 0  # training batches drawn so far: where the data stream resumes
         self.skipped_steps = 0
-        self.initial_val_loss: float | None = None
+        self.initial_metrics: dict[str, float] = {}  # the evaluation before step 1
         self._val_sums: list[dict[str, torch.Tensor]] = []  # per validation batch: name -> [sum, count]
         self._rng_to_restore: dict[str, Any] | None = None
         self.document_eot: int | None = None  # set: packed windows are split into documents at this token
@@ -227,7 +228,7 @@ class Task(L.LightningModule):
         if self.trainer.is_global_zero:
             log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in numbers.items() if k != "val/ppl"))
         if self.trainer.sanity_checking:
-            self.initial_val_loss = numbers["val/loss"]
+            self.initial_metrics = numbers
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW; training_step sets its learning rate from the step number before each step (lr_at), so the
@@ -269,28 +270,69 @@ class Task(L.LightningModule):
                 torch.cuda.set_rng_state_all(self._rng_to_restore["cuda"])
             self._rng_to_restore = None
 
-
+    # -- helpers for the tasks ---------------------------------------------------------------------------------------
 
     def doc_ids(self, x: torch.Tensor) -> torch.Tensor | None:
         """Document index of every position: <|endoftext|> opens the next document (it predicts its first token)."""
         return None if self.document_eot is None else (x == self.document_eot).cumsum(dim=1)
 
-    def check_kernel_for(self, config: TrainConfig, prompt_len: int, max_new_tokens: int) -> None:
+    def check_kernel_for(self, prompt_len: int, max_new_tokens: int) -> None:
         """Self-check the model's kernel at the end-of-training display's shapes (batch 1); fall back if wrong."""
         from minitx.kernel_check import checked_kernel, sampling_cases
 
         kernel = self.model_cfg.attention
-        if config.model.attention_check and kernel != "naive":
+        if self.model_cfg.attention_check and kernel != "naive":
             parameter = next(self.model.parameters())
             cases = sampling_cases(self.model_cfg, kernel, self.causal, prompt_len, max_new_tokens, True,
                                    parameter.dtype, str(parameter.device))
             self.model.transformer.set_attention(checked_kernel(kernel, cases), self.model_cfg.sdpa_backend)
 
 
+# -- what the token-stream tasks (causal_lm, masked_lm) share ------------------------------------------------------
+
+
+def token_stream(config: TrainConfig, encoder: bool) -> Prepared:
+    """The corpus as cached token streams (train, val) of at least one window each; `encoder`: the tokenizer gets
+    the encoder's special tokens."""
+    data = prepare_data(config.data, config.tokenizer, config.model.block_size + 1, encoder=encoder)
+    description = (data.description + " (token cache)" * data.from_cache +
+                   f", {len(data.train):,} train / {len(data.val):,} val tokens")
+    return Prepared(data, data.tokenizer, description)
+
+
+def document_eot(config: TrainConfig, tokenizer: Tokenizer) -> int | None:
+    """The <|endoftext|> id that splits packed windows into documents (data.document_mask), else None."""
+    from minitx.tokenizer import EOT
+
+    return tokenizer.token_to_id(EOT) if config.data.document_mask else None
+
+
+# -- the registry ---------------------------------------------------------------------------------------------------
+
 TASKS: dict[str, type[Task]] = {}  # task=<name> -> its class; the config key indexes it, nothing branches on it
 
 
 def register_task(cls: type[Task]) -> type[Task]:
     """Class decorator: make `cls` available as task=<cls.task>."""
+    if not cls.task or TASKS.get(cls.task, cls) is not cls:
+        raise ValueError(f"{cls.__name__}.task={cls.task!r}: a task needs a name of its own (taken: {sorted(TASKS)})")
     TASKS[cls.task] = cls
+    return cls
+
+
+def task_class(name: str) -> type[Task]:
+    """The class of task=<name>: a registered name, or `package.module:Class` for a task defined outside minitx (the
+    module must be importable: installed, or on PYTHONPATH)."""
+    if name in TASKS:
+        return TASKS[name]
+    module, colon, attribute = name.partition(":")
+    if not colon:
+        raise ConfigError(f"task={name!r}: choose one of {sorted(TASKS)}, or name a class of your own as "
+                          "task=package.module:Class")
+    try:
+        cls = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"task={name!r}: cannot import it ({e})") from None
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise ConfigError(f"task={name!r}: not a subclass of minitx.tasks.Task")
     return cls

@@ -8,28 +8,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from minitx.config import GuardConfig, ModelConfig, OptimConfig, TrainConfig, TrainerConfig
-from minitx.data import TokenDataModule, prepare_data
+from minitx.data import TokenDataModule
 from minitx.model import GPT
-from minitx.tasks.base import Prepared, Task, register_task
+from minitx.tasks.base import Prepared, Task, document_eot, register_task, token_stream
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
-
-
-def token_stream(config: TrainConfig, encoder: bool) -> Prepared:
-    """The corpus as cached token streams (train, val) of at least one window each; `encoder`: the tokenizer gets
-    the encoder's special tokens."""
-    data = prepare_data(config.data, config.tokenizer, config.model.block_size + 1, encoder=encoder)
-    description = (data.description + " (token cache)" * data.from_cache +
-                   f", {len(data.train):,} train / {len(data.val):,} val tokens")
-    return Prepared(data, data.tokenizer, description)
-
-
-def document_eot(config: TrainConfig, tokenizer: Tokenizer) -> int | None:
-    """The <|endoftext|> id that splits packed windows into documents (data.document_mask), else None."""
-    from minitx.tokenizer import EOT
-
-    return tokenizer.token_to_id(EOT) if config.data.document_mask else None
 
 
 @register_task
@@ -90,7 +74,7 @@ class CausalLM(Task):
             return
         self.model.eval()
         prompt = tokenizer.encode(config.sample.prompt).ids or [tokenizer.token_to_id(EOT)]
-        self.check_kernel_for(config, len(prompt), config.sample.max_new_tokens)
+        self.check_kernel_for(len(prompt), config.sample.max_new_tokens)
         generator = torch.Generator(device=next(self.model.parameters()).device).manual_seed(config.seed)
         print(f"sample:\n{config.sample.prompt}", end="", flush=True)
         for piece in stream_decode(tokenizer, generate(self.model, prompt, config.sample.max_new_tokens,

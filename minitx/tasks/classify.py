@@ -9,15 +9,22 @@ import torch
 import torch.nn.functional as F
 
 from minitx.checkpoint import Loaded, require_same_model
-from minitx.config import ConfigError, GuardConfig, ModelConfig, OptimConfig, TrainConfig, TrainerConfig, fail
+from minitx.config import (
+    ARCHITECTURE_KEYS,
+    ConfigError,
+    GuardConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    TrainerConfig,
+    fail,
+)
 from minitx.data import LabelledDataModule, prepare_labelled
 from minitx.model import Encoder
 from minitx.tasks.base import Prepared, Task, register_task
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
-
-ARCHITECTURE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos_emb", "norm", "activation")
 
 
 def load_init_from(config: TrainConfig) -> Loaded:
@@ -59,7 +66,7 @@ class SequenceClassifier(Task):
 
         init: Loaded | None = prepared.pretrained
         if init is not None:  # the classifier must be the pretrained model's shape, vocabulary included
-            require_same_model(dataclasses.asdict(init.config), model_cfg, ARCHITECTURE, "model.init_from",
+            require_same_model(dataclasses.asdict(init.config), model_cfg, ARCHITECTURE_KEYS, "model.init_from",
                                "use the same model settings (and its tokenizer)")
         tokenizer, data = prepared.tokenizer, prepared.data
         module = cls(model_cfg, config.optim, config.trainer, tokenizer.to_str(), data.labels, model_cfg.pooling,
@@ -67,7 +74,6 @@ class SequenceClassifier(Task):
         if init is not None:  # the pretrained trunk; the label head starts fresh
             module.model.transformer.load_state_dict(init.model.transformer.state_dict())
         return module, LabelledDataModule(data, config.data, tokenizer.token_to_id(PAD), config.seed)
-
 
     def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig, tokenizer_json: str,
                  labels: list[str], pooling: str = "cls", guard: GuardConfig | None = None,
@@ -95,13 +101,12 @@ class SequenceClassifier(Task):
 
     def show(self, config: TrainConfig, tokenizer: Tokenizer) -> None:
         """The label probabilities of sample.prompt, most likely first."""
-        from minitx.generation import classify
+        from minitx.generation import show_labels
 
         if not config.sample.prompt:
             return
         self.model.eval()
         length = 1 + len(tokenizer.encode(config.sample.prompt, add_special_tokens=False).ids)  # [CLS] first
-        self.check_kernel_for(config, min(length, self.model_cfg.block_size), 0)
+        self.check_kernel_for(min(length, self.model_cfg.block_size), 0)
         print(f"classify: {config.sample.prompt}", flush=True)
-        for label, p in classify(self.model, tokenizer, config.sample.prompt, self.labels):
-            print(f"{label}\t{p:.4f}", flush=True)
+        show_labels(self.model, tokenizer, config.sample.prompt, self.labels)

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minitx.config import GuardConfig, ModelConfig, OptimConfig, TrainConfig, TrainerConfig
+from minitx.config import ConfigError, GuardConfig, ModelConfig, OptimConfig, TrainConfig, TrainerConfig
 from minitx.data import TokenDataModule
 from minitx.model import Encoder
-from minitx.tasks.base import Prepared, Task, register_task
-from minitx.tasks.causal_lm import document_eot, token_stream
+from minitx.tasks.base import Prepared, Task, document_eot, register_task, token_stream
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
-
-log = logging.getLogger("minitx")
 
 
 def mask_tokens(x: torch.Tensor, generator: torch.Generator, mask_id: int, special_ids: torch.Tensor, vocab_size: int,
@@ -110,18 +106,17 @@ class MaskedLM(Task):
 
     def show(self, config: TrainConfig, tokenizer: Tokenizer) -> None:
         """The most likely fills for each [MASK] in sample.prompt (nothing without one)."""
-        from minitx.generation import fill_mask
+        from minitx.generation import show_fills
         from minitx.tokenizer import MASK
 
-        if MASK not in config.sample.prompt:
+        prompt = config.sample.prompt
+        if MASK not in prompt:
             return
-        length = len(tokenizer.encode(config.sample.prompt, add_special_tokens=False).ids)
-        if length > self.model_cfg.block_size:  # the run has finished: say so, do not fail it
-            log.warning("sample.prompt is %d tokens, more than model.block_size=%d: no fill-mask shown", length,
-                        self.model_cfg.block_size)
-            return
+        length = len(tokenizer.encode(prompt, add_special_tokens=False).ids)
+        if length > self.model_cfg.block_size:
+            raise ConfigError(f"sample.prompt={prompt!r} is {length} tokens, more than model.block_size="
+                              f"{self.model_cfg.block_size}")
         self.model.eval()
-        self.check_kernel_for(config, length, 0)
-        print(f"fill-mask: {config.sample.prompt}", flush=True)
-        for n, candidates in enumerate(fill_mask(self.model, tokenizer, config.sample.prompt), start=1):
-            print(f"[MASK] {n}: " + "  ".join(f"{token!r} {p:.3f}" for token, p in candidates), flush=True)
+        self.check_kernel_for(length, 0)
+        print(f"fill-mask: {prompt}", flush=True)
+        show_fills(self.model, tokenizer, prompt)
