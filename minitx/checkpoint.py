@@ -1,10 +1,13 @@
-"""Reading minitx checkpoints: a `.ckpt` carries the model config, the tokenizer and the weights.
+"""Reading models: a minitx `.ckpt` (model config, tokenizer and weights in one file), a directory in minitx's own safe
+format (model.safetensors + minitx_config.json + tokenizer.json: no pickle), or `hf:<dir>`, a transformers GPT-2.
 
-Inference starts here, so this needs torch, tokenizers and minitx's model code only (no Lightning, no Hydra)."""
+Inference starts here, so this needs torch, tokenizers, safetensors and minitx's model code only (no Lightning, no
+Hydra, no transformers)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pickle
 import zipfile
 from collections.abc import Iterable
@@ -20,6 +23,8 @@ from minitx.config import ConfigError, MinitxError, ModelConfig, from_mapping
 from minitx.model import GPT, Encoder
 
 CHECKPOINT_KEY = "minitx"  # the part of a .ckpt that rebuilds model and tokenizer without any config
+OWN_CONFIG = "minitx_config.json"  # in an own-format directory: the model config, task, labels, pooling, step
+HF_PREFIX = "hf:"  # a source naming a transformers GPT-2 directory
 
 
 class CheckpointError(MinitxError):
@@ -66,20 +71,108 @@ def read_checkpoint(path: str | Path, key: str = "ckpt") -> dict[str, Any]:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", key: str = "ckpt") -> Loaded:
-    """Model (in eval mode) and tokenizer from a minitx checkpoint; nothing else is needed."""
-    checkpoint = read_checkpoint(path, key)
-    meta = checkpoint[CHECKPOINT_KEY]
-    task = meta.get("task", "causal_lm")
-    config = from_mapping(ModelConfig, meta["model"], "model.").validate()
+    """Model (in eval mode) and tokenizer from a .ckpt, an own-format directory or `hf:<dir>`; nothing else needed.
+    `key` is the setting that named the source, for the error messages."""
+    source = str(path)
+    if source.startswith(HF_PREFIX):
+        loaded = load_gpt2(source[len(HF_PREFIX):], key)
+    elif Path(source).is_dir():
+        loaded = load_own_format(source, key)
+    else:
+        loaded = load_ckpt(source, key)
+    config = loaded.config
     if kernel_unavailable(config.attention, torch.device(device).type, training=False) is not None:
         config = dataclasses.replace(config, attention="sdpa")  # e.g. trained with flash-attn on a GPU: same math
-    labels = meta.get("labels")
-    model = GPT(config) if task == "causal_lm" else Encoder(config, len(labels or []), meta.get("pooling", "cls"))
+        loaded.model.transformer.set_attention("sdpa", config.sdpa_backend)
+        loaded.config = config
+    loaded.model.to(device).eval()
+    return loaded
+
+
+def read_model_config(path: str | Path, key: str) -> tuple[ModelConfig, str]:
+    """The model settings and task of a source `load` reads, without building the model."""
+    source = str(path)
+    if source.startswith(HF_PREFIX):
+        from minitx.hf import read_gpt2_dir
+
+        return read_gpt2_dir(source[len(HF_PREFIX):], f"{key}={source}")[0], "causal_lm"
+    if Path(source).is_dir():
+        if not (Path(source) / OWN_CONFIG).is_file():
+            load_own_format(source, key)  # fails, saying what the directory lacks
+        meta = json.loads((Path(source) / OWN_CONFIG).read_text())
+    else:
+        meta = read_checkpoint(source, key)[CHECKPOINT_KEY]
+    return from_mapping(ModelConfig, meta["model"], "model.").validate(), meta.get("task", "causal_lm")
+
+
+def build_model(config: ModelConfig, task: str, labels: list[str] | None, pooling: str) -> GPT | Encoder:
+    return GPT(config) if task == "causal_lm" else Encoder(config, len(labels or []), pooling)
+
+
+def load_ckpt(path: str, key: str) -> Loaded:
+    checkpoint = read_checkpoint(path, key)
+    meta = checkpoint[CHECKPOINT_KEY]
+    task, labels = meta.get("task", "causal_lm"), meta.get("labels")
+    config = from_mapping(ModelConfig, meta["model"], "model.").validate()
+    model = build_model(config, task, labels, meta.get("pooling", "cls"))
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     model.load_state_dict(state)
     tokenizer = Tokenizer.from_str(meta["tokenizer"])
-    return Loaded(model.to(device).eval(), tokenizer, config, int(checkpoint.get("global_step", 0)), task, labels)
+    return Loaded(model, tokenizer, config, int(checkpoint.get("global_step", 0)), task, labels)
+
+
+def untied_state(model: GPT | Encoder) -> dict[str, torch.Tensor]:
+    """The state dict with one copy of each tensor: lm_head shares the embedding, and safetensors refuses shared
+    tensors, so lm_head.weight is left out and re-tied on load."""
+    return {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+def own_format_meta(loaded: Loaded) -> dict[str, Any]:
+    """What minitx_config.json holds: the ModelConfig as a checkpoint saves it, the task, labels, pooling, step."""
+    return {"model": dataclasses.asdict(loaded.config), "task": loaded.task, "labels": loaded.labels,
+            "pooling": getattr(loaded.model, "pooling", "cls"), "step": loaded.step}
+
+
+def load_own_format(path: str, key: str) -> Loaded:
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    where = f"{key}={path!r}"
+    if not (folder / OWN_CONFIG).is_file():
+        raise CheckpointError(f"{where}: a directory without {OWN_CONFIG} (minitx-export format=safetensors writes "
+                              f"one); a transformers directory loads as {key}={HF_PREFIX}{path}")
+    for name in ("model.safetensors", "tokenizer.json"):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{where}: no {name} in this directory")
+    meta = json.loads((folder / OWN_CONFIG).read_text())
+    task, labels = meta.get("task", "causal_lm"), meta.get("labels")
+    config = from_mapping(ModelConfig, meta["model"], "model.").validate()
+    model = build_model(config, task, labels, meta.get("pooling", "cls"))
+    state = load_file(str(folder / "model.safetensors"))
+    state["lm_head.weight"] = state["transformer.tok_emb.weight"]  # tied: one copy saved
+    model.load_state_dict(state)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    return Loaded(model, tokenizer, config, int(meta.get("step", 0)), task, labels)
+
+
+def load_gpt2(path: str, key: str) -> Loaded:
+    """A transformers GPT-2 directory (config.json, model.safetensors or pytorch_model.bin, tokenizer.json) as the
+    minitx GPT that computes the same logits."""
+    from minitx.hf import from_gpt2_state, read_gpt2_dir, read_gpt2_weights
+    from minitx.tokenizer import id_limit
+
+    source = f"{key}={HF_PREFIX}{path}"
+    config, _ = read_gpt2_dir(path, source)
+    if not (Path(path) / "tokenizer.json").is_file():
+        raise ConfigError(f"{source}: no tokenizer.json there (minitx reads the fast tokenizer's file only)")
+    tokenizer = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+    if id_limit(tokenizer) > config.vocab_size:
+        raise ConfigError(f"{source}: the tokenizer's largest id + 1 ({id_limit(tokenizer)}) exceeds the model's "
+                          f"vocab_size={config.vocab_size}")
+    model = GPT(config)
+    model.load_state_dict(from_gpt2_state(read_gpt2_weights(Path(path), source), config, source))
+    return Loaded(model, tokenizer, config, 0, "causal_lm", None)
 
 
 def require_same_model(saved: dict[str, Any], model_cfg: ModelConfig, keys: Iterable[str], source: str,

@@ -64,9 +64,9 @@ class ModelConfig:
     pos_emb: str = "learned"  # learned (GPT-2's table) | rope (rotary, applied to q and k in every layer)
     rope_base: float = 10000.0
     norm: str = "layernorm"  # layernorm | rmsnorm
-    activation: str = "gelu"  # gelu | relu2 (ReLU squared)
+    activation: str = "gelu"  # gelu (exact) | gelu_tanh (GPT-2's tanh approximation) | relu2 (ReLU squared)
     compile: bool = False  # torch.compile the model (cold compile ~35 s on 2 CPU cores; pays on long runs, GPUs)
-    init_from: str | None = None  # task=classify: start from this masked-LM checkpoint (its weights and tokenizer)
+    init_from: str | None = None  # start from its weights+tokenizer: classify: masked-LM; causal_lm: .ckpt, dir, hf:dir
     pooling: str = "cls"  # task=classify: cls (the [CLS] position) | mean (over real tokens)
 
     def validate(self) -> ModelConfig:
@@ -94,8 +94,8 @@ class ModelConfig:
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             head = self.n_embd // self.n_head
             fail("model.n_embd", self.n_embd, f"rope needs an even head size; n_embd/n_head={head}")
-        if self.activation not in ("gelu", "relu2"):
-            fail("model.activation", self.activation, "choose gelu or relu2")
+        if self.activation not in ("gelu", "gelu_tanh", "relu2"):
+            fail("model.activation", self.activation, "choose gelu, gelu_tanh or relu2")
         if self.pooling not in ("cls", "mean"):
             fail("model.pooling", self.pooling, "choose cls or mean")
         if self.norm not in ("layernorm", "rmsnorm"):

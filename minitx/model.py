@@ -27,7 +27,12 @@ def relu2(x: Tensor) -> Tensor:
     return F.relu(x).square()
 
 
-ACTIVATIONS = {"gelu": F.gelu, "relu2": relu2}
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GELU's tanh approximation, as GPT-2 was trained with (transformers' gelu_new)."""
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": gelu_tanh, "relu2": relu2}
 
 
 class MLP(nn.Module):

@@ -14,13 +14,13 @@ from typing import TextIO
 from minitx.cli import parse_key_values, run_command
 from minitx.config import fail
 
-USAGE = """usage: minitx-sample ckpt=<path to a .ckpt written by minitx-train> [key=value ...]
+USAGE = """usage: minitx-sample ckpt=<a .ckpt written by minitx-train, an export dir, or hf:<dir>> [key=value ...]
   minitx-sample ckpt=outputs/default/<run>/checkpoints/best.ckpt prompt="def " max_new_tokens=300"""
 
 
 @dataclass
 class SampleConfig:
-    ckpt: str | None = None  # a .ckpt written by minitx-train (required)
+    ckpt: str | None = None  # a .ckpt written by minitx-train, a minitx-export directory, or hf:<dir> (required)
     prompt: str = ""  # empty: start from <|endoftext|>
     max_new_tokens: int = 500
     num_samples: int = 1

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from minitx.config import GuardConfig, ModelConfig, OptimConfig, TrainConfig, TrainerConfig
-from minitx.data import TokenDataModule
+from minitx.config import ConfigError, GuardConfig, ModelConfig, OptimConfig, TrainConfig, TrainerConfig, fail
+from minitx.data import TokenDataModule, prepare_data
 from minitx.model import GPT
 from minitx.tasks.base import Prepared, Task, document_eot, register_task, token_stream
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
+
+    from minitx.checkpoint import Loaded
+
+log = logging.getLogger("minitx")
+# what a model started from model.init_from takes from it (block_size may be smaller: the position table is cropped)
+INHERITED_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd", "bias", "pos_emb", "rope_base", "norm", "activation",
+                  "attention_window")
 
 
 @register_task
@@ -29,8 +38,36 @@ class CausalLM(Task):
         return 1.0
 
     @classmethod
+    def check_config(cls, config: TrainConfig) -> None:
+        """With model.init_from, the architecture is the source's (logged); model.block_size may only shrink."""
+        from minitx.checkpoint import read_model_config
+
+        source = config.model.init_from
+        if not source:
+            return
+        saved, task = read_model_config(source, "model.init_from")
+        if task != "causal_lm":
+            fail("model.init_from", source, f"a {task} model; task=causal_lm continues a causal_lm model")
+        if config.model.block_size > saved.block_size:
+            raise ConfigError(f"model.block_size={config.model.block_size} exceeds the {saved.block_size} positions "
+                              f"of model.init_from={source!r}; set model.block_size<={saved.block_size}")
+        config.model = dataclasses.replace(config.model, **{k: getattr(saved, k) for k in INHERITED_KEYS})
+        log.info("model.init_from=%s: %s", source, ", ".join(f"{k}={getattr(saved, k)}" for k in INHERITED_KEYS))
+
+    @classmethod
     def prepare(cls, config: TrainConfig) -> Prepared:
-        return token_stream(config, encoder=False)
+        """The token streams; with model.init_from, tokenized by the source's tokenizer (tokenizer.* is unused)."""
+        from minitx.checkpoint import load
+        from minitx.tokenizer import EOT
+
+        if not config.model.init_from:
+            return token_stream(config, encoder=False)
+        init = load(config.model.init_from, key="model.init_from")
+        if init.tokenizer.token_to_id(EOT) is None:
+            fail("model.init_from", config.model.init_from, f"its tokenizer has no {EOT}, which separates documents")
+        data = prepare_data(config.data, config.tokenizer, config.model.block_size + 1, tokenizer=init.tokenizer)
+        description = data.description + f", {len(data.train):,} train / {len(data.val):,} val tokens"
+        return Prepared(data, data.tokenizer, description, pretrained=init)
 
     @classmethod
     def build(cls, config: TrainConfig, model_cfg: ModelConfig, prepared: Prepared,
@@ -40,6 +77,12 @@ class CausalLM(Task):
         tokenizer = prepared.tokenizer
         module = cls(model_cfg, config.optim, config.trainer, tokenizer.to_str(), is_char_level(tokenizer),
                      config.guard, run_config, document_eot(config, tokenizer))
+        init: Loaded | None = prepared.pretrained
+        if init is not None:  # its weights, the position table cropped to model.block_size
+            state = init.model.state_dict()
+            if "transformer.pos_emb.weight" in state:
+                state["transformer.pos_emb.weight"] = state["transformer.pos_emb.weight"][: model_cfg.block_size]
+            module.model.load_state_dict(state)
         return module, TokenDataModule(prepared.data, config.data, model_cfg.block_size, config.seed)
 
     def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig, tokenizer_json: str,
