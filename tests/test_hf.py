@@ -229,15 +229,23 @@ def test_training_continues_from_an_imported_gpt2(tmp_path: Path, tokenizers_: d
         parse_config(compose_config(*overrides, "model.block_size=64"))
 
 
-def test_init_from_a_minitx_export_dir(gpt_ckpt: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["ckpt", "export dir"])
+def test_init_from_a_minitx_model_takes_its_architecture(gpt_ckpt: Path, tmp_path: Path, kind: str,
+                                                        tokenizers_: dict[str, Tokenizer]) -> None:
     from test_train import compose_config
 
+    from minitx.config import ConfigError
     from minitx.train import parse_config
 
-    own = tmp_path / "own"
-    run_export(f"ckpt={gpt_ckpt}", f"out={own}", "format=safetensors")
-    config = parse_config(compose_config(f"model.init_from={own}", "model.block_size=16", "model.n_layer=5"))
+    source = gpt_ckpt
+    if kind == "export dir":
+        source = tmp_path / "own"
+        run_export(f"ckpt={gpt_ckpt}", f"out={source}", "format=safetensors")
+    config = parse_config(compose_config(f"model.init_from={source}", "model.block_size=16", "model.n_layer=5"))
     assert (config.model.n_layer, config.model.n_embd, config.model.block_size) == (2, 32, 16)
+    mlm = write_checkpoint(tmp_path / "mlm.ckpt", "masked_lm", {}, tokenizers_["encoder"])
+    with pytest.raises(ConfigError, match="a masked_lm model; task=causal_lm continues a causal_lm model"):
+        parse_config(compose_config(f"model.init_from={mlm}"))
 
 
 def test_loading_exports_and_imports_needs_no_lightning_hydra_or_transformers(gpt_ckpt: Path, tmp_path: Path,
@@ -265,6 +273,7 @@ def test_export_help_and_one_line_errors(gpt_ckpt: Path, tmp_path: Path, capsys:
         ([f"out={tmp_path / 'a'}"], "ckpt=None: required"),
         ([f"ckpt={gpt_ckpt}", f"out={tmp_path / 'full'}"], "exists and is not empty; add overwrite=true"),
         ([f"ckpt={gpt_ckpt}", f"out={tmp_path / 'a'}", "format=onnx"], "format='onnx': choose one of"),
+        ([f"ckpt={tmp_path}", f"out={tmp_path / 'a'}"], "a directory without minitx_config.json"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as e:
@@ -273,6 +282,18 @@ def test_export_help_and_one_line_errors(gpt_ckpt: Path, tmp_path: Path, capsys:
         assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
     run_export(f"ckpt={gpt_ckpt}", f"out={tmp_path / 'full'}", "overwrite=true")
     assert (tmp_path / "full" / "config.json").is_file()
+
+
+def test_export_without_transformers_names_the_extra(gpt_ckpt: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what an install without minitx[hf] has: no module
+    with pytest.raises(SystemExit):
+        run_export(f"ckpt={gpt_ckpt}", f"out={tmp_path / 'hf'}")
+    assert capsys.readouterr().err == "error: format=transformers needs transformers: pip install 'minitx[hf]'\n"
+    run_export(f"ckpt={gpt_ckpt}", f"out={tmp_path / 'own'}", "format=safetensors")  # needs only safetensors
 
 
 def test_sample_reads_an_export_dir(gpt_ckpt: Path, tmp_path: Path) -> None:
