@@ -96,12 +96,7 @@ def read_model_config(path: str | Path, key: str) -> tuple[ModelConfig, str]:
         from minitx.hf import read_gpt2_dir
 
         return read_gpt2_dir(source[len(HF_PREFIX):], f"{key}={source}")[0], "causal_lm"
-    if Path(source).is_dir():
-        if not (Path(source) / OWN_CONFIG).is_file():
-            load_own_format(source, key)  # fails, saying what the directory lacks
-        meta = json.loads((Path(source) / OWN_CONFIG).read_text())
-    else:
-        meta = read_checkpoint(source, key)[CHECKPOINT_KEY]
+    meta = read_own_format(source, key) if Path(source).is_dir() else read_checkpoint(source, key)[CHECKPOINT_KEY]
     return from_mapping(ModelConfig, meta["model"], "model.").validate(), meta.get("task", "causal_lm")
 
 
@@ -134,18 +129,26 @@ def own_format_meta(loaded: Loaded) -> dict[str, Any]:
             "pooling": getattr(loaded.model, "pooling", "cls"), "step": loaded.step}
 
 
-def load_own_format(path: str, key: str) -> Loaded:
-    from safetensors.torch import load_file
-
-    folder = Path(path)
-    where = f"{key}={path!r}"
+def read_own_format(path: str, key: str) -> dict[str, Any]:
+    """An own-format directory's minitx_config.json, once the directory is seen to hold all three files."""
+    folder, where = Path(path), f"{key}={path!r}"
     if not (folder / OWN_CONFIG).is_file():
         raise CheckpointError(f"{where}: a directory without {OWN_CONFIG} (minitx-export format=safetensors writes "
                               f"one); a transformers directory loads as {key}={HF_PREFIX}{path}")
     for name in ("model.safetensors", "tokenizer.json"):
         if not (folder / name).is_file():
             raise CheckpointError(f"{where}: no {name} in this directory")
-    meta = json.loads((folder / OWN_CONFIG).read_text())
+    try:
+        return json.loads((folder / OWN_CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{where}: {OWN_CONFIG} is not JSON ({e})") from None
+
+
+def load_own_format(path: str, key: str) -> Loaded:
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    meta = read_own_format(path, key)
     task, labels = meta.get("task", "causal_lm"), meta.get("labels")
     config = from_mapping(ModelConfig, meta["model"], "model.").validate()
     model = build_model(config, task, labels, meta.get("pooling", "cls"))

@@ -81,7 +81,8 @@ def save_transformers(loaded: Loaded, out: Path) -> None:
                 [("eos_token", EOT), ("bos_token", EOT), ("unk_token", UNK),
                  *zip(("pad_token", "mask_token", "cls_token", "sep_token"), ENCODER_TOKENS, strict=True)]
                 if tokenizer.token_to_id(token) is not None}
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, **specials).save_pretrained(out)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=loaded.config.block_size, **specials)
+    fast.save_pretrained(out)
 
 
 def export(cfg: ExportConfig) -> None:
