@@ -204,6 +204,7 @@ def test_import_needs_a_tokenizer_json(tmp_path: Path, tokenizers_: dict[str, To
 def test_training_continues_from_an_imported_gpt2(tmp_path: Path, tokenizers_: dict[str, Tokenizer]) -> None:
     from test_train import TINY as TRAIN_TINY
     from test_train import compose_config
+    from transformers import GPT2LMHeadModel
 
     from minitx.config import ConfigError
     from minitx.train import parse_config, train
@@ -224,6 +225,13 @@ def test_training_continues_from_an_imported_gpt2(tmp_path: Path, tokenizers_: d
     assert tuned.tokenizer.to_str() == imported.tokenizer.to_str()
     before, after = (m.model.transformer.blocks[1].mlp.fc.weight.flatten() for m in (imported, tuned))
     assert torch.cosine_similarity(before, after, dim=0) > 0.5  # trained on from the import, not from scratch
+
+    # and back: the trained checkpoint (bias=true, gelu_tanh) exports exactly
+    run_export(f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", f"out={tmp_path / 'back'}")
+    ids = torch.randint(0, tuned.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        diff = (GPT2LMHeadModel.from_pretrained(tmp_path / "back")(ids).logits - tuned.model(ids)[0]).abs().max()
+    assert diff < 1e-4, diff
 
     with pytest.raises(ConfigError, match=r"^model.block_size=64 exceeds the 48 positions of model.init_from="):
         parse_config(compose_config(*overrides, "model.block_size=64"))
