@@ -7,6 +7,8 @@ import csv
 import dataclasses
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +156,12 @@ def test_masked_lm_checkpoint_is_refused_in_one_line(run: Path, tmp_path: Path,
     assert err.startswith(f"error: ckpt='{tmp_path / 'mlm.ckpt'}': a masked_lm checkpoint"), err
     assert one_line_error(capsys, f"ckpt={tmp_path / 'mlm.ckpt'}").startswith("error: data.path=None: required")
     assert one_line_error(capsys, "ckpt=x", "data.path=y", "stride=-1").startswith("error: stride=-1: must be >= 0")
+    assert one_line_error(capsys, "ckpt=x.ckpt", "data.path=y", "backend=transformers").startswith(
+        "error: backend='transformers': scores a transformers model: needs ckpt=hf:<dir>")
+    err = one_line_error(capsys, f"ckpt={run / 'checkpoints' / 'last.ckpt'}", f"data.path={run / 'heldout.txt'}",
+                         "split=test")
+    assert err.startswith(f"error: split='test': data.path={run / 'heldout.txt'} has no such split; its splits are "
+                          "['train']"), err
 
 
 def test_token_bytes_count_the_text_for_bpe_and_char_tokenizers() -> None:
@@ -200,3 +208,13 @@ def test_hf_directory_scores_with_transformers_own_loss(tmp_path: Path, capsys: 
     assert numbers["tokens"] == ids.size(1) - 1 and numbers["bytes"] == len(text.encode())
     assert numbers["loss"] == pytest.approx(own, rel=1e-5)
     assert "warning" not in capsys.readouterr().err  # byte-level BPE: the tokens stand for exactly the text's bytes
+
+
+def test_eval_imports_no_lightning(run: Path) -> None:
+    """Like minitx-sample, minitx-eval needs torch, tokenizers, datasets and the model code: no Lightning, no Hydra."""
+    code = ("import sys; from minitx.evaluate import main\n"
+            f"main(['ckpt={run / 'checkpoints' / 'last.ckpt'}', 'data.path={run / 'heldout.txt'}'])\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('lightning', 'pytorch_lightning', 'hydra')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "bpb" in result.stdout and result.stdout.strip().endswith("[]"), result.stdout

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from minitx.config import GuardConfig, ModelConfig, OptimConfig, TrainConfig, TrainerConfig
-from minitx.data import TokenDataModule
+from minitx.datamodules import TokenDataModule
 from minitx.model import GPT
 from minitx.tasks.base import Prepared, Task, document_eot, register_task, token_stream
 
