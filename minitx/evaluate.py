@@ -214,6 +214,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if device == "cuda" and not torch.cuda.is_available():
         fail("device", cfg.device, "no CUDA device here; use device=cpu")
     scorer = load_scorer(cfg, device)
+    if cfg.stride > scorer.block_size:  # windows that far apart would leave tokens between them unscored
+        fail("stride", cfg.stride, f"must be <= the model's block_size={scorer.block_size}")
     eot = scorer.tokenizer.token_to_id(EOT)
     if eot is None:
         fail("ckpt", cfg.ckpt, f"its tokenizer has no {EOT} token to join documents with")

@@ -138,8 +138,8 @@ def one_line_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
     return err
 
 
-def test_masked_lm_checkpoint_is_refused_in_one_line(run: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_inputs_are_one_line_errors(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A masked-LM checkpoint above all (minitx-eval scores causal LMs), and bad keys."""
     from minitx.checkpoint import CHECKPOINT_KEY
     from minitx.config import ModelConfig
     from minitx.model import Encoder
@@ -162,6 +162,9 @@ def test_masked_lm_checkpoint_is_refused_in_one_line(run: Path, tmp_path: Path,
                          "split=test")
     assert err.startswith(f"error: split='test': data.path={run / 'heldout.txt'} has no such split; its splits are "
                           "['train']"), err
+    err = one_line_error(capsys, f"ckpt={run / 'checkpoints' / 'last.ckpt'}", f"data.path={run / 'heldout.txt'}",
+                         "stride=33")
+    assert err.startswith("error: stride=33: must be <= the model's block_size=32"), err
 
 
 def test_token_bytes_count_the_text_for_bpe_and_char_tokenizers() -> None:
