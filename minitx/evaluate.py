@@ -49,7 +49,7 @@ class EvalData:
     path: str | None = None  # a local .txt/.jsonl/.json/.csv/.parquet file or a directory of them; wins over hub_id
     hub_id: str | None = None  # a Hugging Face Hub dataset id, e.g. karpathy/tiny_shakespeare
     hub_config: str | None = None  # the Hub dataset's configuration name, if it has several
-    text_column: str = DataConfig.text_column
+    text_column: str = DataConfig.text_column  # the column of text (jsonl, csv, parquet; a .txt file is "text")
     val_split: str = DataConfig.val_split  # the split scored when the data has it (split= chooses another)
 
 
