@@ -102,6 +102,16 @@ def test_documents_are_joined_by_scored_separators_of_no_bytes(run: Path, tmp_pa
     assert numbers["bpb"] == pytest.approx(nats / (math.log(2) * numbers["bytes"]), rel=1e-5)
 
 
+def test_a_dataset_is_scored_on_its_validation_split_unless_split_says(run: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.txt").write_text(make_text(30, seed=4))
+    (data / "validation.txt").write_text(make_text(10, seed=5))
+    args = [f"ckpt={run / 'checkpoints' / 'last.ckpt'}", f"data.path={data}"]
+    assert evaluate(*args)["bytes"] == (data / "validation.txt").stat().st_size
+    assert evaluate(*args, "split=train")["bytes"] == (data / "train.txt").stat().st_size
+
+
 def test_batches_change_nothing(run: Path, tmp_path: Path) -> None:
     """Windows go through batch by batch and only sums are kept: one window at a time gives the same numbers."""
     (tmp_path / "large.txt").write_text(make_text(150, seed=3))
