@@ -31,20 +31,36 @@ def exit_on_user_error() -> Iterator[None]:
 
 
 def parse_key_values(cls: type[T], argv: list[str]) -> T:
-    """Dataclass `cls` from `key=value` arguments over its defaults. Values are taken literally (no YAML parsing): a
-    string keeps its spaces and quotes (prompt="def "); a number or a bool (true/false/1/0) is read where the key's
-    type says so."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    hints = typing.get_type_hints(cls)
+    """Dataclass `cls` from `key=value` arguments over its defaults; a field that is itself a dataclass takes
+    `field.key=value` (data.path=...). Values are taken literally (no YAML parsing): a string keeps its spaces and
+    quotes (prompt="def "); a number or a bool (true/false/1/0) is read where the key's type says so."""
+    keys = _key_types(cls)
     values: dict[str, Any] = {}
     for arg in argv:
         key, sep, raw = arg.partition("=")
         if not sep:
             raise ConfigError(f"{arg!r}: expected key=value (--help lists the keys)")
-        if key not in fields:
-            raise ConfigError(f"{key}: unknown key; known keys are {sorted(fields)}")
-        values[key] = _read(raw, hints[key], key)
+        if key not in keys:
+            raise ConfigError(f"{key}: unknown key; known keys are {sorted(keys)}")
+        *sections, name = key.split(".")
+        into = values
+        for section in sections:
+            into = into.setdefault(section, {})
+        into[name] = _read(raw, keys[key], key)
     return from_mapping(cls, values)
+
+
+def _key_types(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Every key of dataclass `cls` and its type, a nested dataclass's keys as `field.key`, in field order."""
+    hints = typing.get_type_hints(cls)
+    keys: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys |= _key_types(hint, f"{prefix}{f.name}.")  # type: ignore[arg-type]
+        else:
+            keys[prefix + f.name] = hint
+    return keys
 
 
 def _read(raw: str, hint: Any, key: str) -> Any:
@@ -65,13 +81,24 @@ def _read(raw: str, hint: Any, key: str) -> Any:
 
 def help_text(cls: type, usage: str) -> str:
     """`usage`, then each key with its default and what it means (the dataclass's trailing comments)."""
-    from minitx.config_files import scalar
-
-    notes = field_notes(cls)
-    rows = [(f"  {f.name}={scalar(getattr(cls(), f.name))}", notes.get(f.name, "")) for f in dataclasses.fields(cls)]
+    rows = _help_rows(cls, cls())
     width = max(len(key) for key, _ in rows) + 2
     return usage.rstrip() + "\n\nkeys (key=value; default shown):\n" + "".join(
         f"{key:<{width}}{note}".rstrip() + "\n" for key, note in rows)
+
+
+def _help_rows(cls: type, defaults: Any, prefix: str = "") -> list[tuple[str, str]]:
+    from minitx.config_files import scalar
+
+    notes = field_notes(cls)
+    rows: list[tuple[str, str]] = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += _help_rows(type(value), value, f"{prefix}{f.name}.")
+        else:
+            rows.append((f"  {prefix}{f.name}={scalar(value)}", notes.get(f.name, "")))
+    return rows
 
 
 def run_command(cls: type[T], usage: str, action: Callable[[T], None], argv: list[str] | None = None) -> None:

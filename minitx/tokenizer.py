@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from minitx.config import ConfigError, TokenizerConfig
@@ -100,6 +101,27 @@ def id_limit(tokenizer: Tokenizer) -> int:
 
 def is_char_level(tokenizer: Tokenizer) -> bool:
     return isinstance(tokenizer.model, models.WordLevel) and isinstance(tokenizer.pre_tokenizer, pre_tokenizers.Split)
+
+
+def token_bytes(tokenizer: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes of text each token id stands for (int64, indexed by id): what bits per byte divide by, so that
+    models with different tokenizers compare on the same text. Special tokens ([UNK] included) stand for no text:
+    0 bytes. A byte-level BPE token is a string over the byte-level alphabet, one character per byte; a char token is
+    its character; any other tokenizer's token is counted as it decodes on its own."""
+    table = np.zeros(id_limit(tokenizer), dtype=np.int64)
+    special = set(special_ids(tokenizer))
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
+    for token, i in tokenizer.get_vocab(with_added_tokens=True).items():
+        if i in special:
+            continue
+        if byte_level and set(token) <= alphabet:
+            table[i] = len(token)
+        elif is_char_level(tokenizer) or byte_level:  # (an added token of a byte-level vocabulary is plain text)
+            table[i] = len(token.encode())
+        else:
+            table[i] = len(tokenizer.decode([i], skip_special_tokens=False).encode())
+    return table
 
 
 def unknown_chars(tokenizer: Tokenizer, text: str) -> list[str]:

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from minitx.config import ConfigError, GuardConfig, ModelConfig, OptimConfig, TrainConfig, TrainerConfig, fail
-from minitx.data import TokenDataModule, prepare_data
+from minitx.data import prepare_data
+from minitx.datamodules import TokenDataModule
 from minitx.model import GPT
 from minitx.tasks.base import Prepared, Task, document_eot, register_task, token_stream
 
@@ -27,8 +28,8 @@ INHERITED_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd", "bias", "pos_emb"
 
 @register_task
 class CausalLM(Task):
-    """Next-token prediction with a GPT. Logs train/loss, val/loss, val/ppl, val/bpc (char tokenizers), lr; ends with
-    a sample continuing sample.prompt."""
+    """Next-token prediction with a GPT. Logs train/loss, val/loss, val/ppl, val/bpb (bits per UTF-8 byte of the
+    targets, any tokenizer), val/bpc (char tokenizers), lr; ends with a sample continuing sample.prompt."""
 
     task = "causal_lm"
     causal = True
@@ -88,10 +89,17 @@ class CausalLM(Task):
     def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig, tokenizer_json: str,
                  char_level: bool, guard: GuardConfig | None = None, run_config: dict[str, Any] | None = None,
                  document_eot: int | None = None):
+        from tokenizers import Tokenizer
+
+        from minitx.tokenizer import token_bytes
+
         super().__init__(model_cfg, optim_cfg, trainer_cfg, tokenizer_json, guard, run_config)
         self.char_level = char_level
         self.document_eot = document_eot
         self.model = GPT(model_cfg)
+        # UTF-8 bytes per token id, for val/bpb; derived from the tokenizer, so not saved in checkpoints
+        table = torch.from_numpy(token_bytes(Tokenizer.from_str(tokenizer_json)))
+        self.register_buffer("token_bytes", table, persistent=False)
 
     def train_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
@@ -100,10 +108,12 @@ class CausalLM(Task):
     def val_metrics(self, batch: tuple[torch.Tensor, torch.Tensor],
                     batch_idx: int) -> dict[str, tuple[torch.Tensor, int]]:
         n = batch[1].numel()
-        return {"loss": (self.train_loss(batch) * n, n)}
+        # <|endoftext|> targets are scored and stand for 0 bytes, as minitx-eval counts them
+        return {"loss": (self.train_loss(batch) * n, n), "bytes_per_token": (self.token_bytes[batch[1]].sum(), n)}
 
     def derived_metrics(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        derived = {"ppl": means["loss"].exp()}
+        """ppl = e^loss; bpb = loss_sum / (ln 2 × bytes_sum), both sums over the same targets; bpc = loss / ln 2."""
+        derived = {"ppl": means["loss"].exp(), "bpb": means["loss"] / (math.log(2) * means["bytes_per_token"])}
         if self.char_level:
             derived["bpc"] = means["loss"] / math.log(2)
         return derived

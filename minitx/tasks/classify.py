@@ -19,7 +19,8 @@ from minitx.config import (
     TrainerConfig,
     fail,
 )
-from minitx.data import LabelledDataModule, prepare_labelled
+from minitx.data import prepare_labelled
+from minitx.datamodules import LabelledDataModule
 from minitx.model import Encoder
 from minitx.tasks.base import Prepared, Task, register_task
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from minitx.config import ConfigError, GuardConfig, ModelConfig, OptimConfig, TrainConfig, TrainerConfig
-from minitx.data import TokenDataModule
+from minitx.datamodules import TokenDataModule
 from minitx.model import Encoder
 from minitx.tasks.base import Prepared, Task, document_eot, register_task, token_stream
 
