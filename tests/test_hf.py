@@ -317,3 +317,20 @@ def test_sample_reads_an_export_dir(gpt_ckpt: Path, tmp_path: Path) -> None:
         sample(parse_args([f"ckpt={source}", "prompt=the ", "max_new_tokens=10", "temperature=0"]), out)
         texts.append(out.getvalue())
     assert texts[0] == texts[1] and texts[0].startswith("the ")
+
+
+def test_minitx_eval_scores_every_new_source(gpt_ckpt: Path, tmp_path: Path, tokenizers_: dict[str, Tokenizer]) -> None:
+    """minitx-eval reads models through minitx.checkpoint.load: an export directory scores as its .ckpt does, and an
+    imported GPT-2 as transformers' own model does."""
+    from minitx.cli import parse_key_values
+    from minitx.evaluate import EvalConfig, evaluate
+
+    def score(*args: str) -> dict:
+        return evaluate(parse_key_values(EvalConfig, [*args, f"data.path={tmp_path / 'heldout.txt'}"]).validate())
+
+    (tmp_path / "heldout.txt").write_text(make_text(20, seed=4))
+    run_export(f"ckpt={gpt_ckpt}", f"out={tmp_path / 'own'}", "format=safetensors")
+    assert score(f"ckpt={tmp_path / 'own'}")["loss"] == score(f"ckpt={gpt_ckpt}")["loss"]
+    folder = random_gpt2(tmp_path / "gpt2", tokenizers_["causal"])
+    ours, theirs = score(f"ckpt=hf:{folder}"), score(f"ckpt=hf:{folder}", "backend=transformers")
+    assert ours["tokens"] == theirs["tokens"] and ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
