@@ -13,7 +13,7 @@ import typing
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from minitx.config import ConfigError, MinitxError, field_notes, from_mapping
+from minitx.config import ConfigError, MinitxError, fail, field_notes, from_mapping
 
 T = TypeVar("T")
 
@@ -28,6 +28,18 @@ def exit_on_user_error() -> Iterator[None]:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def resolve_device(setting: str) -> str:
+    """device=auto | cpu | cuda as the device to run on: auto is cuda where there is one; cuda without one is a
+    one-line error."""
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        fail("device", setting, "no CUDA device here; use device=cpu")
+    return setting
 
 
 def parse_key_values(cls: type[T], argv: list[str]) -> T:

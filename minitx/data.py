@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from minitx.config import DataConfig, MinitxError, TokenizerConfig
+from minitx.config import DataConfig, MinitxError, TokenizerConfig, fail
 from minitx.tokenizer import EOT, build_tokenizer, id_limit, tokenizer_hash, tokenizer_spec
 
 if TYPE_CHECKING:
@@ -37,6 +37,16 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
+
+
+def __getattr__(name: str) -> Any:
+    """`from minitx.data import TokenDataModule` (or LabelledDataModule), as before they moved to minitx.datamodules;
+    imported only when asked for, so that importing minitx.data imports no Lightning."""
+    if name in ("TokenDataModule", "LabelledDataModule"):
+        from minitx import datamodules
+
+        return getattr(datamodules, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class DataError(MinitxError):
@@ -82,15 +92,10 @@ def load_corpus(cfg: DataConfig) -> Corpus:
             raise _read_error(cfg.path, cfg.val_split, e) from e
         description += f", first {cfg.max_documents} documents (streamed)"
     train = splits["train"] if "train" in splits else splits[next(iter(splits))]
-    if cfg.text_column not in train.column_names:
-        raise DataError(
-            f"data.text_column={cfg.text_column!r} is not a column of {description}; "
-            f"its columns are {train.column_names}"
-        )
     val = splits.get(cfg.val_split)
     for name, split in (("train", train), (cfg.val_split, val)):
         if split is not None:
-            _check_text(cfg, name, split)
+            check_text(cfg, name, split, description)
     if cfg.streaming:  # an in-memory dataset's fingerprint is random: name the source instead
         parts = [_source_fingerprint(cfg), cfg.val_split if val is not None else "held-out", cfg.text_column]
     else:
@@ -219,12 +224,36 @@ def _read_error(path: str, val_split: str, error: Exception) -> DataError:
     return DataError(f"data.path={path}: could not be read as {BUILDERS[files[0].suffix]} ({reason[:200]})")
 
 
-def _check_text(cfg: DataConfig, name: str, split: datasets.Dataset) -> None:
-    """A split whose text is not UTF-8 (the json reader does not check) or has nothing but whitespace is refused
-    here, in one vectorised pass each, rather than with a traceback later or a model of blank lines."""
+def load_split(cfg: DataConfig, split: str | None = None) -> tuple[datasets.Dataset, str]:
+    """One split's text column, checked as training checks it, and its description: `split`, else data.val_split
+    if the data has it, else its only split (a plain file's is "train"). What minitx-eval scores."""
+    splits, description = load_splits(cfg)
+    names = list(splits)
+    if split is not None:
+        if split not in splits:
+            fail("split", split, f"{description} has no such split; its splits are {names}")
+        name = split
+    elif cfg.val_split in splits:
+        name = cfg.val_split
+    elif len(names) == 1:
+        name = names[0]
+    else:
+        fail("split", None, f"{description} has splits {names} and no {cfg.val_split!r}: choose one with split=")
+    texts = splits[name]
+    check_text(cfg, name, texts, description)
+    return texts.select_columns([cfg.text_column]), f"{description} ({name} split)"
+
+
+def check_text(cfg: DataConfig, name: str, split: datasets.Dataset, description: str) -> None:
+    """A split without data.text_column, or whose text is not UTF-8 (the json reader does not check) or has nothing
+    but whitespace, is refused here, in one vectorised pass each, rather than with a traceback later or a model of
+    blank lines. `name`: the split's name; `description`: the data's (load_splits)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    if cfg.text_column not in split.column_names:
+        raise DataError(f"data.text_column={cfg.text_column!r} is not a column of {description}; "
+                        f"its columns are {split.column_names}")
     values = split.data.column(cfg.text_column)
     if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
         return
@@ -372,8 +401,8 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, min_tokens: int
                                                                data_cfg.val_fraction)
         if tokenizer is None:
             tokenizer = build_tokenizer(tok_cfg, _texts(train_texts, corpus.text_column), encoder)
-        train_tokens = _tokenize(train_texts, corpus.text_column, tokenizer, last_ends=not cut_inside)
-        val_tokens = _tokenize(val_texts, corpus.text_column, tokenizer)
+        train_tokens = tokenize_documents(train_texts, corpus.text_column, tokenizer, last_ends=not cut_inside)
+        val_tokens = tokenize_documents(val_texts, corpus.text_column, tokenizer)
         tmp = cache / f"tokenizer.json.tmp{os.getpid()}"
         tokenizer.save(str(tmp))
         os.replace(tmp, cache / "tokenizer.json")
@@ -424,7 +453,7 @@ def _texts(ds: datasets.Dataset, column: str) -> Iterator[str]:
         yield from (t for t in batch[column] if t)
 
 
-def _tokenize(ds: datasets.Dataset, column: str, tokenizer: Tokenizer, last_ends: bool = True) -> np.ndarray:
+def tokenize_documents(ds: datasets.Dataset, column: str, tokenizer: Tokenizer, last_ends: bool = True) -> np.ndarray:
     """Batched map over the documents, then one vectorised join: doc EOT doc EOT ... (no EOT after the last document
     unless `last_ends`: the held-out slice continues it)."""
     import pyarrow.compute as pc

@@ -1,9 +1,12 @@
-"""`minitx-eval ckpt=<.ckpt | dir | hf:dir> data.path=heldout.txt`: how well a causal language model predicts a whole
-text, as loss (mean nats per token), perplexity and bits per byte.
+"""`minitx-eval ckpt=<.ckpt | minitx-export directory | hf:dir> data.path=heldout.txt`: how well a causal language
+model predicts a whole text, as loss (mean nats per token), perplexity and bits per byte.
 
     bpb = total nats / (ln 2 × total UTF-8 bytes of the text)
 
-Bits per byte divide by the text, not by the tokens, so a char model and a BPE model compare on the same text.
+Bits per byte divide by the text, not by the tokens, so a char model and a BPE model compare on the same text. The
+tokens are checked against it: byte-level BPE and char tokens count their own bytes
+(minitx.tokenizer.token_bytes), and a tokenizer that loses text ([UNK]) is warned about; other tokenizers have no
+such count, and the text's bytes are used as they are.
 
 The documents are joined as training joins them, and one <|endoftext|> goes first so that the first token is scored
 too: <|endoftext|> doc <|endoftext|> doc ... doc. The leading separator is context only; the separators between
@@ -30,15 +33,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from minitx.cli import run_command
+from minitx.cli import resolve_device, run_command
 from minitx.config import DataConfig, fail
 
 if TYPE_CHECKING:
-    import datasets
     import torch
     from tokenizers import Tokenizer
 
-USAGE = """usage: minitx-eval ckpt=<.ckpt | checkpoint dir | hf:<transformers dir>> data.path=<text> [key=value ...]
+USAGE = """usage: minitx-eval ckpt=<.ckpt | minitx-export directory | hf:<dir>> data.path=<text> [key=value ...]
   minitx-eval ckpt=outputs/default/<run>/checkpoints/best.ckpt data.path=heldout.txt out=eval.json"""
 
 
@@ -55,9 +57,9 @@ class EvalData:
 
 @dataclass
 class EvalConfig:
-    ckpt: str | None = None  # a .ckpt, a minitx checkpoint directory, or hf:<dir> (a transformers GPT-2) (required)
+    ckpt: str | None = None  # a .ckpt, a minitx-export directory, or hf:<dir> (a transformers GPT-2) (required)
     data: EvalData = field(default_factory=EvalData)
-    split: str | None = None  # unset: data.val_split if the data has it, else its only split (a plain file: all of it)
+    split: str | None = None  # unset: data.val_split if the data has it, else its only split (a plain file: "train")
     stride: int = 0  # tokens a window moves on; each keeps >= block_size - stride of context; 0: block_size
     batch_size: int = 8  # windows per forward pass: the logits held are at most batch_size × block_size × vocabulary
     device: str = "auto"  # auto | cpu | cuda
@@ -65,8 +67,10 @@ class EvalConfig:
     out: str | None = None  # write the results here as JSON (e.g. eval.json); unset: print only
 
     def validate(self) -> EvalConfig:
+        from minitx.checkpoint import HF_PREFIX
+
         if not self.ckpt:
-            fail("ckpt", self.ckpt, "required: minitx-eval ckpt=<.ckpt | checkpoint dir | hf:<dir>>")
+            fail("ckpt", self.ckpt, "required: minitx-eval ckpt=<.ckpt | minitx-export directory | hf:<dir>>")
         if self.data.path is None and self.data.hub_id is None:
             fail("data.path", None, "required: the text to score (a file or directory), or data.hub_id=<dataset>")
         if self.stride < 0:
@@ -77,8 +81,9 @@ class EvalConfig:
             fail("device", self.device, "choose auto, cpu or cuda")
         if self.backend not in ("minitx", "transformers"):
             fail("backend", self.backend, "choose minitx or transformers")
-        if self.backend == "transformers" and not self.ckpt.startswith("hf:"):
-            fail("backend", self.backend, f"scores a transformers model: needs ckpt=hf:<dir>, not {self.ckpt!r}")
+        if self.backend == "transformers" and not self.ckpt.startswith(HF_PREFIX):
+            fail("backend", self.backend,
+                 f"scores a transformers model: needs ckpt={HF_PREFIX}<dir>, not {self.ckpt!r}")
         return self
 
 
@@ -98,7 +103,7 @@ class Scorer:
 class Score:
     nats: float  # summed over the scored tokens
     tokens: int  # scored tokens (separators between documents included)
-    token_bytes: int  # UTF-8 bytes the scored tokens stand for (minitx.tokenizer.token_bytes)
+    bytes: int | None  # UTF-8 bytes the scored tokens stand for (minitx.tokenizer.token_bytes; None: no count)
     seconds: float
 
 
@@ -122,7 +127,8 @@ def score(scorer: Scorer, tokens: np.ndarray, stride: int, batch_size: int, devi
 
     from minitx.tokenizer import token_bytes
 
-    table = torch.from_numpy(token_bytes(scorer.tokenizer)).to(device)
+    table = token_bytes(scorer.tokenizer)
+    table_t = None if table is None else torch.from_numpy(table).to(device)
     starts, new, length = windows(len(tokens), scorer.block_size, stride)
     position = torch.arange(length, device=device)
     nats, count, n_bytes = 0.0, 0, 0
@@ -136,15 +142,17 @@ def score(scorer: Scorer, tokens: np.ndarray, stride: int, batch_size: int, devi
             targets = y[keep]
             nats += F.cross_entropy(scorer.logits_at(x, keep).float(), targets, reduction="sum").item()
             count += len(targets)
-            n_bytes += int(table[targets].sum())
-    return Score(nats, count, n_bytes, time.perf_counter() - t0)
+            if table_t is not None:
+                n_bytes += int(table_t[targets].sum())
+    return Score(nats, count, None if table_t is None else n_bytes, time.perf_counter() - t0)
 
 
 def load_scorer(cfg: EvalConfig, device: str) -> Scorer:
     """The model behind ckpt=: minitx.checkpoint.load's, or for backend=transformers, transformers' own."""
+    from minitx.checkpoint import HF_PREFIX, load
+
     if cfg.backend == "transformers":
-        return transformers_scorer(cfg.ckpt.removeprefix("hf:"), device)  # type: ignore[union-attr]
-    from minitx.checkpoint import load
+        return transformers_scorer(cfg.ckpt.removeprefix(HF_PREFIX), device)  # type: ignore[union-attr]
 
     loaded = load(cfg.ckpt, device)  # type: ignore[arg-type]
     if loaded.task != "causal_lm":
@@ -161,11 +169,16 @@ def transformers_scorer(directory: str, device: str) -> Scorer:
     """A transformers causal LM and its tokenizer.json, scored with transformers' own forward pass."""
     from tokenizers import Tokenizer
 
+    from minitx.checkpoint import HF_PREFIX
+
     where = Path(directory)
     for name in ("config.json", "tokenizer.json"):
         if not (where / name).is_file():
-            fail("ckpt", f"hf:{directory}", f"no {name} in it: not a transformers model directory")
-    from transformers import AutoModelForCausalLM
+            fail("ckpt", f"{HF_PREFIX}{directory}", f"no {name} in it: not a transformers model directory")
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        fail("backend", "transformers", "needs the transformers package: pip install 'minitx[hf]'")
 
     model = AutoModelForCausalLM.from_pretrained(where, local_files_only=True).to(device).eval()
 
@@ -176,60 +189,33 @@ def transformers_scorer(directory: str, device: str) -> Scorer:
                   int(model.config.max_position_embeddings))
 
 
-def load_text(cfg: EvalConfig) -> tuple[datasets.Dataset, str]:
-    """The split to score (see EvalConfig.split) and its description, through minitx.data as training loads data."""
-    from minitx.data import DataError, _check_text, load_splits
-
-    data = DataConfig(path=cfg.data.path, hub_id=cfg.data.hub_id, hub_config=cfg.data.hub_config,
-                      text_column=cfg.data.text_column, val_split=cfg.data.val_split)
-    splits, description = load_splits(data)
-    names = list(splits)
-    if cfg.split is not None:
-        if cfg.split not in splits:
-            fail("split", cfg.split, f"{description} has no such split; its splits are {names}")
-        name = cfg.split
-    elif data.val_split in splits:
-        name = data.val_split
-    elif len(names) == 1:
-        name = names[0]
-    else:
-        fail("split", None, f"{description} has splits {names} and no {data.val_split!r}: choose one with split=")
-    texts = splits[name]
-    if data.text_column not in texts.column_names:
-        raise DataError(f"data.text_column={data.text_column!r} is not a column of {description}; "
-                        f"its columns are {texts.column_names}")
-    _check_text(data, name, texts)
-    return texts.select_columns([data.text_column]), description + f" ({name} split)" * (len(names) > 1)
-
-
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Score the text, print a table (and write cfg.out); the numbers as a dict."""
     import pyarrow.compute as pc
-    import torch
 
-    from minitx.data import _tokenize
+    from minitx.data import load_split, tokenize_documents
     from minitx.tokenizer import EOT
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    if device == "cuda" and not torch.cuda.is_available():
-        fail("device", cfg.device, "no CUDA device here; use device=cpu")
+    device = resolve_device(cfg.device)
     scorer = load_scorer(cfg, device)
     if cfg.stride > scorer.block_size:  # windows that far apart would leave tokens between them unscored
         fail("stride", cfg.stride, f"must be <= the model's block_size={scorer.block_size}")
     eot = scorer.tokenizer.token_to_id(EOT)
     if eot is None:
         fail("ckpt", cfg.ckpt, f"its tokenizer has no {EOT} token to join documents with")
-    texts, description = load_text(cfg)
+    data = DataConfig(path=cfg.data.path, hub_id=cfg.data.hub_id, hub_config=cfg.data.hub_config,
+                      text_column=cfg.data.text_column, val_split=cfg.data.val_split)
+    texts, description = load_split(data, cfg.split)
     column = cfg.data.text_column
-    stream = _tokenize(texts, column, scorer.tokenizer, last_ends=False)  # doc EOT doc ... doc
+    stream = tokenize_documents(texts, column, scorer.tokenizer, last_ends=False)  # doc EOT doc ... doc
     tokens = np.concatenate([np.asarray([eot], dtype=stream.dtype), stream])
     if len(tokens) < 2:
         fail("data.path" if cfg.data.path is not None else "data.hub_id", cfg.data.path or cfg.data.hub_id,
              "no tokens to score")
     n_bytes = int(pc.sum(pc.binary_length(pc.fill_null(texts.data.column(column), ""))).as_py() or 0)
     result = score(scorer, tokens, cfg.stride or scorer.block_size, cfg.batch_size, device)
-    if result.token_bytes != n_bytes:
-        print(f"warning: the tokens stand for {result.token_bytes} bytes but the text has {n_bytes} (the tokenizer "
+    if result.bytes is not None and result.bytes != n_bytes:
+        print(f"warning: the tokens stand for {result.bytes} bytes but the text has {n_bytes} (the tokenizer "
               "does not reproduce it: e.g. [UNK] for characters it has never seen); bpb divides by the text's bytes",
               file=sys.stderr)
     loss = result.nats / result.tokens

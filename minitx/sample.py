@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import TextIO
 
-from minitx.cli import parse_key_values, run_command
+from minitx.cli import parse_key_values, resolve_device, run_command
 from minitx.config import fail
 
 USAGE = """usage: minitx-sample ckpt=<a .ckpt written by minitx-train, an export dir, or hf:<dir>> [key=value ...]
@@ -71,9 +71,7 @@ def sample(cfg: SampleConfig, out: TextIO = sys.stdout) -> None:
     from minitx.kernel_check import checked_kernel, sampling_cases
     from minitx.tokenizer import EOT, stream_decode, unknown_chars
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    if device == "cuda" and not torch.cuda.is_available():
-        fail("device", cfg.device, "no CUDA device here; use device=cpu")
+    device = resolve_device(cfg.device)
     loaded = load(cfg.ckpt, device)
     if cfg.attention is not None:
         if reason := kernel_unavailable(cfg.attention, device, training=False):

@@ -103,24 +103,24 @@ def is_char_level(tokenizer: Tokenizer) -> bool:
     return isinstance(tokenizer.model, models.WordLevel) and isinstance(tokenizer.pre_tokenizer, pre_tokenizers.Split)
 
 
-def token_bytes(tokenizer: Tokenizer) -> np.ndarray:
+def token_bytes(tokenizer: Tokenizer) -> np.ndarray | None:
     """UTF-8 bytes of text each token id stands for (int64, indexed by id): what bits per byte divide by, so that
     models with different tokenizers compare on the same text. Special tokens ([UNK] included) stand for no text:
     0 bytes. A byte-level BPE token is a string over the byte-level alphabet, one character per byte; a char token is
-    its character; any other tokenizer's token is counted as it decodes on its own."""
+    its character. None for any other tokenizer (Metaspace, WordPiece...): its tokens decoded one by one do not add up
+    to the text (spaces are dropped or added), so there is no table to count with."""
+    byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
+    if not (byte_level or is_char_level(tokenizer)):
+        return None
     table = np.zeros(id_limit(tokenizer), dtype=np.int64)
     special = set(special_ids(tokenizer))
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())
-    byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
     for token, i in tokenizer.get_vocab(with_added_tokens=True).items():
         if i in special:
             continue
-        if byte_level and set(token) <= alphabet:
-            table[i] = len(token)
-        elif is_char_level(tokenizer) or byte_level:  # (an added token of a byte-level vocabulary is plain text)
-            table[i] = len(token.encode())
-        else:
-            table[i] = len(tokenizer.decode([i], skip_special_tokens=False).encode())
+        # a byte-level token is one alphabet character per byte; an added token of that vocabulary, and a char
+        # token, are plain text
+        table[i] = len(token) if byte_level and set(token) <= alphabet else len(token.encode())
     return table
 
 

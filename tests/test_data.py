@@ -250,3 +250,19 @@ def test_a_streamed_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
     path.write_bytes(b"the cat\n" * 50 + b"\xff")
     with pytest.raises(DataError, match=r"c\.txt is not UTF-8 text \(byte 0xff at offset 400\)"):
         prepare(tmp_path, path=str(path), streaming=True, max_documents=10)
+
+
+def test_data_modules_still_import_from_minitx_data_and_only_when_asked() -> None:
+    """A user's own task may `from minitx.data import TokenDataModule` (its home before minitx.datamodules); importing
+    minitx.data itself still imports no Lightning."""
+    code = ("import sys; import minitx.data\n"
+            "print(any(k.split('.')[0] == 'lightning' for k in sys.modules))\n"
+            "from minitx.data import LabelledDataModule, TokenDataModule\n"
+            "import minitx.datamodules as m\n"
+            "print(TokenDataModule is m.TokenDataModule and LabelledDataModule is m.LabelledDataModule)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["False", "True"]
+    import minitx.data
+
+    assert not hasattr(minitx.data, "NoSuchThing")  # any other name is still an AttributeError

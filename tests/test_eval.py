@@ -10,6 +10,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -22,6 +23,9 @@ import minitx
 from minitx.evaluate import main, windows
 from minitx.tokenizer import EOT, token_bytes, train_bpe_tokenizer, train_char_tokenizer
 from minitx.train import parse_config, train
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +65,18 @@ def reference_nats(model: torch.nn.Module, tokens: list[int], block_size: int, s
 
 
 def test_windows_score_every_token_once_with_enough_context() -> None:
+    """Token t (1..n-1) is scored once, predicted from the `context` tokens of its window up to it: all t tokens
+    before it in the first window, and at least length - stride + 1 in any later one."""
     for n, block_size, stride in [(2, 8, 8), (9, 8, 8), (10, 8, 8), (100, 8, 3), (100, 8, 1), (101, 16, 5)]:
         starts, new, length = windows(n, block_size, stride)
-        scored = np.concatenate([np.arange(s + length - k, s + length) + 1 for s, k in zip(starts, new, strict=True)])
-        assert sorted(scored) == list(range(1, n)), (n, block_size, stride)
-        context = np.concatenate([np.arange(length - k, length) + 1 for k in new[1:]] or [np.empty(0)])
-        assert (context >= block_size - stride).all() and (starts >= 0).all() and length <= block_size
+        assert (starts >= 0).all() and length == min(block_size, n - 1)
+        position = np.concatenate([np.arange(length - k, length) for k in new])  # of each scored target's input
+        target = np.repeat(starts, new) + position + 1
+        assert sorted(target) == list(range(1, n)), (n, block_size, stride)
+        context = position + 1
+        first = target <= length
+        assert (context[first] == target[first]).all(), (n, block_size, stride)
+        assert (context[~first] >= length - stride + 1).all(), (n, block_size, stride)
 
 
 @pytest.mark.parametrize("stride", [32, 7])
@@ -108,8 +118,13 @@ def test_a_dataset_is_scored_on_its_validation_split_unless_split_says(run: Path
     (data / "train.txt").write_text(make_text(30, seed=4))
     (data / "validation.txt").write_text(make_text(10, seed=5))
     args = [f"ckpt={run / 'checkpoints' / 'last.ckpt'}", f"data.path={data}"]
-    assert evaluate(*args)["bytes"] == (data / "validation.txt").stat().st_size
-    assert evaluate(*args, "split=train")["bytes"] == (data / "train.txt").stat().st_size
+    scored = evaluate(*args)
+    assert scored["bytes"] == (data / "validation.txt").stat().st_size
+    assert scored["data"] == f"data.path={data} (validation split)"
+    scored = evaluate(*args, "split=train")
+    assert scored["bytes"] == (data / "train.txt").stat().st_size and scored["data"].endswith("(train split)")
+    (data / "validation.txt").unlink()  # training files only: scored, and named, as the train split
+    assert evaluate(*args)["data"] == f"data.path={data} (train split)"
 
 
 def test_batches_change_nothing(run: Path, tmp_path: Path) -> None:
@@ -177,6 +192,16 @@ def test_bad_inputs_are_one_line_errors(run: Path, tmp_path: Path, capsys: pytes
     assert err.startswith("error: stride=33: must be <= the model's block_size=32"), err
 
 
+def test_transformers_backend_without_transformers_is_a_one_line_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what `import transformers` meets where it is missing
+    for name in ("config.json", "tokenizer.json"):
+        (tmp_path / name).write_text("{}")
+    err = one_line_error(capsys, f"ckpt=hf:{tmp_path}", "backend=transformers", f"data.path={tmp_path}",
+                         "device=cpu")
+    assert err.startswith("error: backend='transformers': needs the transformers package: pip install 'minitx[hf]'")
+
+
 def test_token_bytes_count_the_text_for_bpe_and_char_tokenizers() -> None:
     text = make_text(50) + "naïve café – ☃ 𝔘\n"
     for tokenizer in (train_bpe_tokenizer([text], 300), train_char_tokenizer([text])):
@@ -187,13 +212,60 @@ def test_token_bytes_count_the_text_for_bpe_and_char_tokenizers() -> None:
         assert table[tokenizer.token_to_id(EOT)] == 0 and table[tokenizer.token_to_id("[UNK]")] == 0
 
 
+def spaced_tokenizers(text: str) -> list[Tokenizer]:
+    """A Metaspace BPE and a WordPiece tokenizer, as a user's tokenizer.json may be: tokens decoded one by one do not
+    add up to the text (spaces are dropped or added)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    metaspace = Tokenizer(models.BPE(unk_token="[UNK]"))
+    metaspace.pre_tokenizer, metaspace.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    metaspace.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=[EOT, "[UNK]"]))
+    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wordpiece.pre_tokenizer, wordpiece.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece()
+    wordpiece.train_from_iterator([text], trainers.WordPieceTrainer(vocab_size=300, special_tokens=[EOT, "[UNK]"]))
+    return [metaspace, wordpiece]
+
+
+def test_other_tokenizers_have_no_byte_count_and_eval_counts_the_text(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """token_bytes is None for them; minitx-eval divides by the text's bytes (no warning: nothing to compare), and
+    training logs no val/bpb or val/bytes_per_token, saying so once."""
+    from minitx.checkpoint import CHECKPOINT_KEY
+    from minitx.config import ModelConfig, OptimConfig, TrainerConfig
+    from minitx.model import GPT
+    from minitx.tasks.causal_lm import CausalLM
+
+    text = make_text(50) + "naïve café – ☃\n"
+    tokenizers = spaced_tokenizers(text)
+    assert [token_bytes(t) for t in tokenizers] == [None, None]
+    metaspace = tokenizers[0]
+    config = ModelConfig(vocab_size=metaspace.get_vocab_size(), block_size=16, n_layer=1, n_head=2,
+                         n_embd=16).validate()
+    torch.save({CHECKPOINT_KEY: {"task": "causal_lm", "model": dataclasses.asdict(config),
+                                 "tokenizer": metaspace.to_str()},
+                "state_dict": {f"model.{k}": v for k, v in GPT(config).state_dict().items()}}, tmp_path / "m.ckpt")
+    heldout = make_text(5, seed=1) + "naïve\n"
+    (tmp_path / "heldout.txt").write_text(heldout)
+    numbers = evaluate(f"ckpt={tmp_path / 'm.ckpt'}", f"data.path={tmp_path / 'heldout.txt'}")
+    assert numbers["bytes"] == len(heldout.encode()) > len(heldout)
+    assert numbers["bpb"] == pytest.approx(numbers["loss"] * numbers["tokens"] / (math.log(2) * numbers["bytes"]))
+    assert "warning" not in capsys.readouterr().err
+
+    with caplog.at_level("INFO", logger="minitx"):
+        task = CausalLM(config, OptimConfig(), TrainerConfig(), metaspace.to_str(), char_level=False)
+    assert sum("val/bpb is not logged" in r.getMessage() for r in caplog.records) == 1
+    batch = torch.randint(0, config.vocab_size, (2, 2, 16)).unbind(0)
+    with torch.no_grad():
+        means = {k: total / count for k, (total, count) in task.val_metrics(batch, 0).items()}
+    assert set(means) | set(task.derived_metrics(means)) == {"loss", "ppl"}
+
+
 def test_val_bpb_is_logged_and_is_bpc_for_ascii_chars(run: Path) -> None:
     with open(run / "csv" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["val/loss"]]
     assert [int(r["step"]) for r in rows] == [0, 10, 20]
     for r in rows:
-        loss, bpc, bpb = float(r["val/loss"]), float(r["val/bpc"]), float(r["val/bpb"])
-        assert bpb == pytest.approx(loss / (math.log(2) * float(r["val/bytes_per_token"])), rel=1e-6)
+        bpc, bpb = float(r["val/bpc"]), float(r["val/bpb"])
         # one byte per character; only the <|endoftext|> that ends the held-out stream (the last window's last
         # target) counts 0 bytes: 1 of the 16 × 4 × 32 = 2048 targets
         assert float(r["val/bytes_per_token"]) == pytest.approx(2047 / 2048, rel=1e-7)

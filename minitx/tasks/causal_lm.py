@@ -29,7 +29,8 @@ INHERITED_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd", "bias", "pos_emb"
 @register_task
 class CausalLM(Task):
     """Next-token prediction with a GPT. Logs train/loss, val/loss, val/ppl, val/bpb (bits per UTF-8 byte of the
-    targets, any tokenizer), val/bpc (char tokenizers), lr; ends with a sample continuing sample.prompt."""
+    targets; byte-level BPE and char tokenizers), val/bpc (char tokenizers), lr; ends with a sample continuing
+    sample.prompt."""
 
     task = "causal_lm"
     causal = True
@@ -98,8 +99,11 @@ class CausalLM(Task):
         self.document_eot = document_eot
         self.model = GPT(model_cfg)
         # UTF-8 bytes per token id, for val/bpb; derived from the tokenizer, so not saved in checkpoints
-        table = torch.from_numpy(token_bytes(Tokenizer.from_str(tokenizer_json)))
-        self.register_buffer("token_bytes", table, persistent=False)
+        table = token_bytes(Tokenizer.from_str(tokenizer_json))
+        if table is None:
+            log.info("val/bpb is not logged: this tokenizer's tokens do not count the text's bytes one by one "
+                     "(minitx-eval counts them from the text)")
+        self.register_buffer("token_bytes", None if table is None else torch.from_numpy(table), persistent=False)
 
     def train_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
@@ -109,11 +113,16 @@ class CausalLM(Task):
                     batch_idx: int) -> dict[str, tuple[torch.Tensor, int]]:
         n = batch[1].numel()
         # <|endoftext|> targets are scored and stand for 0 bytes, as minitx-eval counts them
-        return {"loss": (self.train_loss(batch) * n, n), "bytes_per_token": (self.token_bytes[batch[1]].sum(), n)}
+        metrics = {"loss": (self.train_loss(batch) * n, n)}
+        if self.token_bytes is not None:
+            metrics["bytes_per_token"] = (self.token_bytes[batch[1]].sum(), n)
+        return metrics
 
     def derived_metrics(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """ppl = e^loss; bpb = loss_sum / (ln 2 × bytes_sum), both sums over the same targets; bpc = loss / ln 2."""
-        derived = {"ppl": means["loss"].exp(), "bpb": means["loss"] / (math.log(2) * means["bytes_per_token"])}
+        derived = {"ppl": means["loss"].exp()}
+        if "bytes_per_token" in means:
+            derived["bpb"] = means["loss"] / (math.log(2) * means["bytes_per_token"])
         if self.char_level:
             derived["bpc"] = means["loss"] / math.log(2)
         return derived
