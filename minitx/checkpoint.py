@@ -39,6 +39,7 @@ class Loaded:
     step: int
     task: str = "causal_lm"  # causal_lm | masked_lm | classify
     labels: list[str] | None = None  # classify: the label names, in the head's order
+    document_mask: bool = False  # trained with data.document_mask: attention stopped at <|endoftext|>
 
 
 def read_checkpoint(path: str | Path, key: str = "ckpt") -> dict[str, Any]:
@@ -95,44 +96,68 @@ def read_model_config(path: str | Path, key: str) -> tuple[ModelConfig, str]:
     if source.startswith(HF_PREFIX):
         from minitx.hf import read_gpt2_dir
 
-        return read_gpt2_dir(source[len(HF_PREFIX):], f"{key}={source}")[0], "causal_lm"
+        return read_gpt2_dir(source[len(HF_PREFIX):], f"{key}={source!r}")[0], "causal_lm"
+    where = f"{key}={source!r}"
     meta = read_own_format(source, key) if Path(source).is_dir() else read_checkpoint(source, key)[CHECKPOINT_KEY]
-    return from_mapping(ModelConfig, meta["model"], "model.").validate(), meta.get("task", "causal_lm")
+    config, task, _, _ = settings_from_meta(meta, where)
+    return config, task
+
+
+def settings_from_meta(meta: Any, where: str) -> tuple[ModelConfig, str, list[str] | None, str]:
+    """A checkpoint's (or minitx_config.json's) model settings, task, labels and pooling."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{where}: no model settings (a 'model' entry) in its minitx metadata")
+    config = from_mapping(ModelConfig, meta["model"], "model.").validate()
+    return config, meta.get("task", "causal_lm"), meta.get("labels"), meta.get("pooling", "cls")
 
 
 def build_model(config: ModelConfig, task: str, labels: list[str] | None, pooling: str) -> GPT | Encoder:
     return GPT(config) if task == "causal_lm" else Encoder(config, len(labels or []), pooling)
 
 
+def load_weights(model: GPT | Encoder, state: dict[str, torch.Tensor], where: str) -> None:
+    """model.load_state_dict, a missing, unexpected or misshapen tensor failing as one line."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # torch lists every mismatch over many lines: the first one names the problem
+        detail = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{where}: its weights do not fit its model settings ({detail})") from None
+
+
 def load_ckpt(path: str, key: str) -> Loaded:
     checkpoint = read_checkpoint(path, key)
-    meta = checkpoint[CHECKPOINT_KEY]
-    task, labels = meta.get("task", "causal_lm"), meta.get("labels")
-    config = from_mapping(ModelConfig, meta["model"], "model.").validate()
-    model = build_model(config, task, labels, meta.get("pooling", "cls"))
+    meta, where = checkpoint[CHECKPOINT_KEY], f"{key}={path!r}"
+    config, task, labels, pooling = settings_from_meta(meta, where)
+    model = build_model(config, task, labels, pooling)
     prefix = "model."
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(state)
+    load_weights(model, {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)},
+                 where)
     tokenizer = Tokenizer.from_str(meta["tokenizer"])
-    return Loaded(model, tokenizer, config, int(checkpoint.get("global_step", 0)), task, labels)
+    run_config = meta.get("config") or {}
+    document_mask = bool(run_config.get("data", {}).get("document_mask", False))
+    return Loaded(model, tokenizer, config, int(checkpoint.get("global_step", 0)), task, labels, document_mask)
 
 
-def untied_state(model: GPT | Encoder) -> dict[str, torch.Tensor]:
+def state_without_tied_head(model: GPT | Encoder) -> dict[str, torch.Tensor]:
     """The state dict with one copy of each tensor: lm_head shares the embedding, and safetensors refuses shared
     tensors, so lm_head.weight is left out and re-tied on load."""
     return {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
 
 
 def own_format_meta(loaded: Loaded) -> dict[str, Any]:
-    """What minitx_config.json holds: the ModelConfig as a checkpoint saves it, the task, labels, pooling, step."""
+    """What minitx_config.json holds: the ModelConfig as a checkpoint saves it, the task, labels, pooling, step and
+    whether training masked attention across documents."""
     return {"model": dataclasses.asdict(loaded.config), "task": loaded.task, "labels": loaded.labels,
-            "pooling": getattr(loaded.model, "pooling", "cls"), "step": loaded.step}
+            "pooling": getattr(loaded.model, "pooling", "cls"), "step": loaded.step,
+            "document_mask": loaded.document_mask}
 
 
 def read_own_format(path: str, key: str) -> dict[str, Any]:
     """An own-format directory's minitx_config.json, once the directory is seen to hold all three files."""
     folder, where = Path(path), f"{key}={path!r}"
     if not (folder / OWN_CONFIG).is_file():
+        if (folder / "checkpoints").is_dir():
+            raise CheckpointError(f"{where}: a training run directory; use {folder / 'checkpoints' / 'best.ckpt'}")
         raise CheckpointError(f"{where}: a directory without {OWN_CONFIG} (minitx-export format=safetensors writes "
                               f"one); a transformers directory loads as {key}={HF_PREFIX}{path}")
     for name in ("model.safetensors", "tokenizer.json"):
@@ -145,18 +170,24 @@ def read_own_format(path: str, key: str) -> dict[str, Any]:
 
 
 def load_own_format(path: str, key: str) -> Loaded:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = Path(path)
+    folder, where = Path(path), f"{key}={path!r}"
     meta = read_own_format(path, key)
-    task, labels = meta.get("task", "causal_lm"), meta.get("labels")
-    config = from_mapping(ModelConfig, meta["model"], "model.").validate()
-    model = build_model(config, task, labels, meta.get("pooling", "cls"))
-    state = load_file(str(folder / "model.safetensors"))
+    config, task, labels, pooling = settings_from_meta(meta, where)
+    model = build_model(config, task, labels, pooling)
+    try:
+        state = load_file(str(folder / "model.safetensors"))
+    except SafetensorError as e:
+        raise CheckpointError(f"{where}: model.safetensors is truncated or corrupt ({e})") from None
+    if "transformer.tok_emb.weight" not in state:
+        raise CheckpointError(f"{where}: model.safetensors has no 'transformer.tok_emb.weight'; not a minitx model")
     state["lm_head.weight"] = state["transformer.tok_emb.weight"]  # tied: one copy saved
-    model.load_state_dict(state)
+    load_weights(model, state, where)
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    return Loaded(model, tokenizer, config, int(meta.get("step", 0)), task, labels)
+    return Loaded(model, tokenizer, config, int(meta.get("step", 0)), task, labels,
+                  bool(meta.get("document_mask", False)))
 
 
 def load_gpt2(path: str, key: str) -> Loaded:
@@ -165,16 +196,16 @@ def load_gpt2(path: str, key: str) -> Loaded:
     from minitx.hf import from_gpt2_state, read_gpt2_dir, read_gpt2_weights
     from minitx.tokenizer import id_limit
 
-    source = f"{key}={HF_PREFIX}{path}"
+    source = f"{key}={HF_PREFIX + path!r}"
     config, _ = read_gpt2_dir(path, source)
     if not (Path(path) / "tokenizer.json").is_file():
-        raise ConfigError(f"{source}: no tokenizer.json there (minitx reads the fast tokenizer's file only)")
+        raise CheckpointError(f"{source}: no tokenizer.json there (minitx reads the fast tokenizer's file only)")
     tokenizer = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
     if id_limit(tokenizer) > config.vocab_size:
-        raise ConfigError(f"{source}: the tokenizer's largest id + 1 ({id_limit(tokenizer)}) exceeds the model's "
-                          f"vocab_size={config.vocab_size}")
+        raise CheckpointError(f"{source}: the tokenizer's largest id + 1 ({id_limit(tokenizer)}) exceeds the "
+                              f"model's vocab_size={config.vocab_size}")
     model = GPT(config)
-    model.load_state_dict(from_gpt2_state(read_gpt2_weights(Path(path), source), config, source))
+    load_weights(model, from_gpt2_state(read_gpt2_weights(Path(path), source), config, source), source)
     return Loaded(model, tokenizer, config, 0, "causal_lm", None)
 
 

@@ -43,7 +43,8 @@ def check_positive(section: str, obj: Any, *names: str) -> None:
 # a checkpoint's model settings that a resumed run (RUNTIME_KEYS may change) or a fine-tuned classifier
 # (ARCHITECTURE_KEYS must match) rebuilds
 RUNTIME_KEYS = ("attention", "sdpa_backend", "compile", "attention_check")  # how the model runs, not what it is
-ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos_emb", "norm", "activation")
+ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos_emb", "rope_base", "norm",
+                     "activation", "attention_window")
 
 
 @dataclass

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from minitx.checkpoint import OWN_CONFIG, Loaded, load, own_format_meta, untied_state
+from minitx.checkpoint import OWN_CONFIG, Loaded, load, own_format_meta, state_without_tied_head
 from minitx.cli import run_command
 from minitx.config import ConfigError, fail
 
@@ -22,6 +22,11 @@ USAGE = """usage: minitx-export ckpt=<.ckpt or export dir> out=<new dir> [format
   minitx-export ckpt=outputs/default/<run>/checkpoints/best.ckpt out=my-model format=safetensors"""
 
 FORMATS = ("transformers", "safetensors")
+# what one format writes and the other does not (both write model.safetensors and tokenizer.json): overwrite=true
+# removes the other format's, so that the directory reads as the format just written
+ONLY_IN = {"transformers": ("config.json", "generation_config.json", "tokenizer_config.json",
+                            "special_tokens_map.json"),
+           "safetensors": (OWN_CONFIG,)}
 
 
 @dataclass
@@ -52,7 +57,7 @@ def save_safetensors(loaded: Loaded, out: Path) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    save_file(untied_state(loaded.model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state_without_tied_head(loaded.model), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / OWN_CONFIG).write_text(json.dumps(own_format_meta(loaded), indent=2) + "\n")
     loaded.tokenizer.save(str(out / "tokenizer.json"))
 
@@ -89,6 +94,8 @@ def export(cfg: ExportConfig) -> None:
     loaded = load(str(cfg.ckpt), key="ckpt")
     out = Path(str(cfg.out))
     (save_transformers if cfg.format == "transformers" else save_safetensors)(loaded, out)
+    for name in ONLY_IN[next(f for f in FORMATS if f != cfg.format)]:  # after writing: a refusal leaves out as it was
+        (out / name).unlink(missing_ok=True)
     print(f"wrote {out} ({cfg.format}: {loaded.task}, {loaded.model.num_params() / 1e6:.2f}M parameters)")
 
 

@@ -10,12 +10,15 @@ Import reads config.json and the weights with safetensors / torch.load(weights_o
 from __future__ import annotations
 
 import json
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from minitx.checkpoint import CheckpointError
 from minitx.config import ConfigError, ModelConfig
 
 # minitx activation -> GPT-2 activation_function written on export; import maps these (and the aliases) back
@@ -62,22 +65,27 @@ def to_gpt2_state(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Te
         if ours in state:
             out[theirs] = (state[ours].t() if transposed else state[ours]).contiguous()
         else:  # a bias of a model built with bias=false: GPT-2 always has one; zero computes the same
-            weight = state[ours.removesuffix(".bias") + ".weight"]
-            out[theirs] = torch.zeros(weight.shape[1] if transposed else weight.shape[0], dtype=weight.dtype)
+            weight = state[ours.removesuffix(".bias") + ".weight"]  # (out, in) as nn.Linear stores it
+            out[theirs] = torch.zeros(weight.shape[0], dtype=weight.dtype)
     return out
 
 
 def from_gpt2_state(state: dict[str, Tensor], config: ModelConfig, source: str) -> dict[str, Tensor]:
-    """GPT-2's weights under minitx's names (lm_head tied to the embedding); the position table is cropped to
-    config.block_size."""
+    """GPT-2's weights under minitx's names (lm_head tied to the embedding)."""
     out = {}
     for ours, (theirs, transposed) in name_map(config.n_layer).items():
         if theirs not in state:
-            raise ConfigError(f"{source}: no weight {theirs!r}; not a GPT-2 model of this config.json")
+            raise CheckpointError(f"{source}: no weight {theirs!r}; not a GPT-2 model of this config.json")
         out[ours] = state[theirs].t() if transposed else state[theirs]
-    out["transformer.pos_emb.weight"] = out["transformer.pos_emb.weight"][: config.block_size]
     out["lm_head.weight"] = out["transformer.tok_emb.weight"]
     return out
+
+
+def crop_positions(state: dict[str, Tensor], block_size: int) -> dict[str, Tensor]:
+    """The state of a model with a learned position table, for one with block_size positions: its first rows."""
+    if "transformer.pos_emb.weight" in state:
+        state = state | {"transformer.pos_emb.weight": state["transformer.pos_emb.weight"][:block_size]}
+    return state
 
 
 def gpt2_config_dict(config: ModelConfig, eos_id: int, bos_id: int) -> dict[str, Any]:
@@ -94,11 +102,11 @@ def model_config_from_gpt2(hf: dict[str, Any], source: str) -> ModelConfig:
     """minitx's ModelConfig for a transformers GPT-2 config.json; anything GPT-2 allows that minitx does not compute
     the same way is refused, naming the setting."""
     if hf.get("model_type") != "gpt2":
-        raise ConfigError(f"{source}: model_type={hf.get('model_type')!r}: only GPT-2's layout (model_type='gpt2') "
+        raise CheckpointError(f"{source}: model_type={hf.get('model_type')!r}: only GPT-2's layout (model_type='gpt2') "
                           "imports into minitx")
     activation = hf.get("activation_function", "gelu_new")
     if activation not in ACTIVATION_FROM_HF:
-        raise ConfigError(f"{source}: activation_function={activation!r}: minitx has no such activation; "
+        raise CheckpointError(f"{source}: activation_function={activation!r}: minitx has no such activation; "
                           f"importable: {sorted(ACTIVATION_FROM_HF)}")
     n_embd = hf.get("n_embd", 768)
     unsupported = [("n_inner", hf.get("n_inner"), (None, 4 * n_embd)),
@@ -108,30 +116,51 @@ def model_config_from_gpt2(hf: dict[str, Any], source: str) -> ModelConfig:
                    ("tie_word_embeddings", hf.get("tie_word_embeddings", True), (True,))]
     for key, value, allowed in unsupported:
         if value not in allowed:
-            raise ConfigError(f"{source}: {key}={value!r}: minitx's GPT computes {allowed[-1]!r} only")
-    return ModelConfig(vocab_size=hf.get("vocab_size", 50257), block_size=hf.get("n_positions", 1024),
-                       n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd,
-                       dropout=0.0, bias=True, pos_emb="learned", norm="layernorm",
-                       activation=ACTIVATION_FROM_HF[activation]).validate()
+            raise CheckpointError(f"{source}: {key}={value!r}: minitx's GPT computes {allowed[-1]!r} only")
+    config = ModelConfig(vocab_size=hf.get("vocab_size", 50257), block_size=hf.get("n_positions", 1024),
+                         n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd,
+                         dropout=0.0, bias=True, pos_emb="learned", norm="layernorm",
+                         activation=ACTIVATION_FROM_HF[activation])
+    try:
+        return config.validate()
+    except ConfigError as e:  # name config.json's keys (n_positions, n_embd, ...), not minitx's model.* settings
+        message = re.sub(r"model\.(\w+)", lambda m: {"block_size": "n_positions"}.get(m[1], m[1]), str(e))
+        raise CheckpointError(f"{source}: config.json {message}") from None
 
 
 def read_gpt2_dir(path: str | Path, source: str) -> tuple[ModelConfig, dict[str, Any]]:
     """A transformers directory's config.json, as minitx's ModelConfig and as written."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise ConfigError(f"{source}: no config.json there; expected a transformers model directory")
-    hf = json.loads((path / "config.json").read_text())
+        raise CheckpointError(f"{source}: no config.json there; expected a transformers model directory")
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{source}: config.json is not JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{source}: config.json is not a JSON object of settings")
     return model_config_from_gpt2(hf, source), hf
 
 
 def read_gpt2_weights(path: Path, source: str) -> dict[str, Tensor]:
     """model.safetensors, or pytorch_model.bin read with weights_only=True; names with or without 'transformer.'."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if (path / "model.safetensors").is_file():
-        state = load_file(str(path / "model.safetensors"))
+        try:
+            state = load_file(str(path / "model.safetensors"))
+        except SafetensorError as e:
+            raise CheckpointError(f"{source}: model.safetensors is truncated or corrupt ({e})") from None
     elif (path / "pytorch_model.bin").is_file():
-        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise CheckpointError(f"{source}: pytorch_model.bin refused: its pickle holds objects other than tensors "
+                                  "and plain data, and loading it could run code") from None
+        except (RuntimeError, EOFError, ValueError, OSError) as e:
+            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{source}: pytorch_model.bin is truncated or corrupt ({reason})") from None
     else:
-        raise ConfigError(f"{source}: no model.safetensors or pytorch_model.bin there")
+        raise CheckpointError(f"{source}: no model.safetensors or pytorch_model.bin there")
     return {k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k: v for k, v in state.items()}

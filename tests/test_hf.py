@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import json
@@ -156,7 +157,10 @@ def random_gpt2(folder: Path, tokenizer: Tokenizer, bin_weights: bool = False, *
         for name, p in model.named_parameters():
             if name.endswith("bias") or ".ln" in name:
                 p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(folder, safe_serialization=not bin_weights)
+    model.save_pretrained(folder)
+    if bin_weights:  # the older pickle layout (transformers 5 writes safetensors whatever safe_serialization says)
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>").save_pretrained(folder)
     return folder
 
@@ -176,20 +180,117 @@ def test_a_transformers_gpt2_imports_with_the_same_logits(tmp_path: Path, tokeni
     assert diff < 1e-4, diff
 
 
+def test_gpt2_weights_without_the_transformer_prefix_import(tmp_path: Path, tokenizers_: dict[str, Tokenizer]) -> None:
+    """openai-community/gpt2's own files name the weights 'h.0.attn.c_attn.weight', 'wte.weight', ... (no
+    'transformer.' prefix, no lm_head): the layout save_pretrained writes, renamed."""
+    from safetensors.torch import load_file, save_file
+    from transformers import GPT2LMHeadModel
+
+    folder = random_gpt2(tmp_path / "gpt2", tokenizers_["causal"])
+    reference = GPT2LMHeadModel.from_pretrained(folder).eval()
+    state = load_file(str(folder / "model.safetensors"))
+    bare = {k.removeprefix("transformer."): v for k, v in state.items() if not k.startswith("lm_head.")}
+    assert "h.0.attn.c_attn.weight" in bare and "wte.weight" in bare
+    save_file(bare, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    loaded = minitx.load(f"hf:{folder}")
+    ids = torch.randint(0, loaded.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        diff = (reference(ids).logits - loaded.model(ids)[0]).abs().max().item()
+    assert diff < 1e-4, diff
+
+
 @pytest.mark.parametrize(("change", "error"), [
     ({"activation_function": "silu"}, "activation_function='silu': minitx has no such activation"),
     ({"model_type": "llama"}, "model_type='llama': only GPT-2's layout"),
     ({"n_inner": 100}, "n_inner=100: minitx's GPT computes 128 only"),
+    ({"layer_norm_epsilon": 1e-6}, "layer_norm_epsilon=1e-06: minitx's GPT computes 1e-05 only"),
+    ({"tie_word_embeddings": False}, "tie_word_embeddings=False: minitx's GPT computes True only"),
+    ({"scale_attn_weights": False}, "scale_attn_weights=False: minitx's GPT computes True only"),
+    ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True: minitx's GPT computes False"),
+    ({"n_head": 3}, "config.json n_embd=32 is not divisible by n_head=3"),
+    ({"n_positions": 0}, "config.json n_positions=0: "),
 ])
 def test_import_refuses_what_minitx_does_not_compute(tmp_path: Path, tokenizers_: dict[str, Tokenizer],
                                                      change: dict, error: str) -> None:
-    from minitx.config import MinitxError
+    from minitx.checkpoint import CheckpointError
 
     folder = random_gpt2(tmp_path / "gpt2", tokenizers_["causal"])
     config = json.loads((folder / "config.json").read_text()) | change
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(MinitxError, match="^" + re.escape(f"model.init_from=hf:{folder}: {error}")):
+    with pytest.raises(CheckpointError, match="^" + re.escape(f"model.init_from='hf:{folder}': {error}")):
         minitx.checkpoint.load(f"hf:{folder}", key="model.init_from")
+
+
+def test_unreadable_sources_fail_as_one_line(gpt_ckpt: Path, tmp_path: Path, tokenizers_: dict[str, Tokenizer]) -> None:
+    """A damaged file in an import or export directory, or a run directory given for its checkpoint: one line naming
+    the setting and the file, never a JSONDecodeError, SafetensorError, UnpicklingError or KeyError."""
+    from minitx.checkpoint import CheckpointError
+
+    def error(source: str) -> str:
+        with pytest.raises(CheckpointError) as e:
+            minitx.checkpoint.load(source, key="ckpt")
+        message = str(e.value)
+        assert "\n" not in message and message.startswith(f"ckpt={source!r}: "), message
+        return message[len(f"ckpt={source!r}: "):]
+
+    hf = random_gpt2(tmp_path / "gpt2", tokenizers_["causal"])
+    (hf / "config.json").write_text("{not json")
+    assert error(f"hf:{hf}").startswith("config.json is not JSON")
+    hf = random_gpt2(tmp_path / "gpt2-corrupt", tokenizers_["causal"])
+    (hf / "model.safetensors").write_bytes((hf / "model.safetensors").read_bytes()[:200])
+    assert error(f"hf:{hf}").startswith("model.safetensors is truncated or corrupt")
+    hf = random_gpt2(tmp_path / "gpt2-pickle", tokenizers_["causal"], bin_weights=True)
+    torch.save({"wte.weight": torch.zeros(1), "code": argparse.Namespace()}, hf / "pytorch_model.bin")
+    assert error(f"hf:{hf}").startswith("pytorch_model.bin refused: its pickle holds objects other than tensors")
+
+    own = tmp_path / "own"
+    run_export(f"ckpt={gpt_ckpt}", f"out={own}", "format=safetensors")
+    weights = (own / "model.safetensors").read_bytes()
+    (own / "model.safetensors").write_bytes(weights[:300])
+    assert error(str(own)).startswith("model.safetensors is truncated or corrupt")
+    (own / "model.safetensors").write_bytes(weights)
+    (own / "minitx_config.json").write_text("[1, 2]")
+    assert error(str(own)) == "no model settings (a 'model' entry) in its minitx metadata"
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    assert error(str(run)) == f"a training run directory; use {run / 'checkpoints' / 'best.ckpt'}"
+
+
+def test_overwrite_replaces_the_other_format(gpt_ckpt: Path, tmp_path: Path) -> None:
+    """Both formats write model.safetensors: overwriting one with the other leaves a directory of the new format
+    only."""
+    from minitx.checkpoint import CheckpointError
+
+    out = tmp_path / "out"
+    run_export(f"ckpt={gpt_ckpt}", f"out={out}", "format=safetensors")
+    run_export(f"ckpt={gpt_ckpt}", f"out={out}", "format=transformers", "overwrite=true")
+    assert not (out / "minitx_config.json").exists() and (out / "config.json").is_file()
+    with pytest.raises(CheckpointError, match=r"a directory without minitx_config\.json"):
+        minitx.load(out)
+    expected = minitx.load(gpt_ckpt)
+    ids = torch.randint(0, expected.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(5))
+    assert (outputs(minitx.load(f"hf:{out}"), ids) - outputs(expected, ids)).abs().max() < 1e-4
+
+    run_export(f"ckpt={gpt_ckpt}", f"out={out}", "format=safetensors", "overwrite=true")
+    assert not any((out / name).exists() for name in ("config.json", "tokenizer_config.json",
+                                                      "special_tokens_map.json"))
+    assert torch.equal(outputs(minitx.load(out), ids), outputs(expected, ids))
+
+
+def test_document_mask_travels_from_the_run_config_into_exports(tmp_path: Path,
+                                                               tokenizers_: dict[str, Tokenizer]) -> None:
+    ckpt = write_checkpoint(tmp_path / "masked.ckpt", "causal_lm", {}, tokenizers_["causal"])
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint[CHECKPOINT_KEY]["config"] = {"data": {"document_mask": True}}
+    torch.save(checkpoint, ckpt)
+    assert minitx.load(ckpt).document_mask
+    run_export(f"ckpt={ckpt}", f"out={tmp_path / 'own'}", "format=safetensors")
+    assert minitx.load(tmp_path / "own").document_mask
+    run_export(f"ckpt={tmp_path / 'own'}", f"out={tmp_path / 'own2'}", "format=safetensors")
+    assert minitx.load(tmp_path / "own2").document_mask
+    assert not minitx.load(write_checkpoint(tmp_path / "plain.ckpt", "causal_lm", {}, tokenizers_["causal"])
+                           ).document_mask
 
 
 def test_import_needs_a_tokenizer_json(tmp_path: Path, tokenizers_: dict[str, Tokenizer]) -> None:
@@ -201,12 +302,14 @@ def test_import_needs_a_tokenizer_json(tmp_path: Path, tokenizers_: dict[str, To
         minitx.load(f"hf:{folder}")
 
 
-def test_training_continues_from_an_imported_gpt2(tmp_path: Path, tokenizers_: dict[str, Tokenizer]) -> None:
+def test_training_continues_from_an_imported_gpt2(tmp_path: Path, tokenizers_: dict[str, Tokenizer],
+                                                  caplog: pytest.LogCaptureFixture) -> None:
     from test_train import TINY as TRAIN_TINY
     from test_train import compose_config
     from transformers import GPT2LMHeadModel
 
     from minitx.config import ConfigError
+    from minitx.tasks.causal_lm import CausalLM
     from minitx.train import parse_config, train
 
     folder = random_gpt2(tmp_path / "gpt2", tokenizers_["causal"])
@@ -214,9 +317,24 @@ def test_training_continues_from_an_imported_gpt2(tmp_path: Path, tokenizers_: d
     corpus.write_text(make_text(400, seed=3))
     overrides = [*TRAIN_TINY, f"data.path={corpus}", f"model.init_from=hf:{folder}", "trainer.max_steps=30",
                  "trainer.val_check_interval=30", "sample.max_new_tokens=5", "logger=csv"]
-    config = parse_config(compose_config(*overrides))
+    with caplog.at_level("INFO", logger="minitx"):
+        config = parse_config(compose_config(*overrides))
     assert (config.model.n_embd, config.model.bias, config.model.activation, config.model.block_size) == (
         32, True, "gelu_tanh", 32)  # the architecture is the import's; block_size kept (<= its 48 positions)
+    assert "attention_window=0, block_size=32 (of 48 positions)" in caplog.text, caplog.text
+
+    # before training, the module computes the import's logits for every T <= block_size: the position table is
+    # cropped to its first 32 rows
+    prepared = CausalLM.prepare(config)
+    module, _ = CausalLM.build(config, config.model, prepared, {})
+    assert prepared.pretrained is None  # copied, then let go
+    reference = GPT2LMHeadModel.from_pretrained(folder).eval()
+    ids = torch.randint(0, config.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        for t in (1, 17, 32):
+            diff = (reference(ids[:, :t]).logits - module.model.eval()(ids[:, :t])[0]).abs().max().item()
+            assert diff < 1e-4, (t, diff)
+
     train(config, tmp_path / "run")
     with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
         losses = [float(r["val/loss"]) for r in csv.DictReader(f) if r["val/loss"]]

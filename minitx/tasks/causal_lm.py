@@ -8,22 +8,30 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import torch
+from tokenizers import Tokenizer
 
-from minitx.config import ConfigError, GuardConfig, ModelConfig, OptimConfig, TrainConfig, TrainerConfig, fail
-from minitx.data import prepare_data
+from minitx.config import (
+    ARCHITECTURE_KEYS,
+    ConfigError,
+    GuardConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    TrainerConfig,
+    fail,
+)
 from minitx.datamodules import TokenDataModule
+from minitx.hf import crop_positions
 from minitx.model import GPT
 from minitx.tasks.base import Prepared, Task, document_eot, register_task, token_stream
+from minitx.tokenizer import EOT, is_char_level, token_bytes
 
 if TYPE_CHECKING:
-    from tokenizers import Tokenizer
-
     from minitx.checkpoint import Loaded
 
 log = logging.getLogger("minitx")
 # what a model started from model.init_from takes from it (block_size may be smaller: the position table is cropped)
-INHERITED_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd", "bias", "pos_emb", "rope_base", "norm", "activation",
-                  "attention_window")
+INHERITED_KEYS = tuple(key for key in ARCHITECTURE_KEYS if key != "block_size")
 
 
 @register_task
@@ -54,46 +62,37 @@ class CausalLM(Task):
             raise ConfigError(f"model.block_size={config.model.block_size} exceeds the {saved.block_size} positions "
                               f"of model.init_from={source!r}; set model.block_size<={saved.block_size}")
         config.model = dataclasses.replace(config.model, **{k: getattr(saved, k) for k in INHERITED_KEYS})
-        log.info("model.init_from=%s: %s", source, ", ".join(f"{k}={getattr(saved, k)}" for k in INHERITED_KEYS))
+        log.info("model.init_from=%s: %s, block_size=%d (of %d positions)", source,
+                 ", ".join(f"{k}={getattr(saved, k)}" for k in INHERITED_KEYS), config.model.block_size,
+                 saved.block_size)
 
     @classmethod
     def prepare(cls, config: TrainConfig) -> Prepared:
         """The token streams; with model.init_from, tokenized by the source's tokenizer (tokenizer.* is unused)."""
         from minitx.checkpoint import load
-        from minitx.tokenizer import EOT
 
         if not config.model.init_from:
             return token_stream(config, encoder=False)
         init = load(config.model.init_from, key="model.init_from")
         if init.tokenizer.token_to_id(EOT) is None:
             fail("model.init_from", config.model.init_from, f"its tokenizer has no {EOT}, which separates documents")
-        data = prepare_data(config.data, config.tokenizer, config.model.block_size + 1, tokenizer=init.tokenizer)
-        description = data.description + f", {len(data.train):,} train / {len(data.val):,} val tokens"
-        return Prepared(data, data.tokenizer, description, pretrained=init)
+        return dataclasses.replace(token_stream(config, encoder=False, tokenizer=init.tokenizer), pretrained=init)
 
     @classmethod
     def build(cls, config: TrainConfig, model_cfg: ModelConfig, prepared: Prepared,
               run_config: dict[str, Any]) -> tuple[Task, TokenDataModule]:
-        from minitx.tokenizer import is_char_level
-
         tokenizer = prepared.tokenizer
         module = cls(model_cfg, config.optim, config.trainer, tokenizer.to_str(), is_char_level(tokenizer),
                      config.guard, run_config, document_eot(config, tokenizer))
         init: Loaded | None = prepared.pretrained
         if init is not None:  # its weights, the position table cropped to model.block_size
-            state = init.model.state_dict()
-            if "transformer.pos_emb.weight" in state:
-                state["transformer.pos_emb.weight"] = state["transformer.pos_emb.weight"][: model_cfg.block_size]
-            module.model.load_state_dict(state)
+            module.model.load_state_dict(crop_positions(init.model.state_dict(), model_cfg.block_size))
+            prepared.pretrained = None  # copied: let the source model's memory go for the rest of the run
         return module, TokenDataModule(prepared.data, config.data, model_cfg.block_size, config.seed)
 
     def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig, tokenizer_json: str,
                  char_level: bool, guard: GuardConfig | None = None, run_config: dict[str, Any] | None = None,
                  document_eot: int | None = None):
-        from tokenizers import Tokenizer
-
-        from minitx.tokenizer import token_bytes
-
         super().__init__(model_cfg, optim_cfg, trainer_cfg, tokenizer_json, guard, run_config)
         self.char_level = char_level
         self.document_eot = document_eot

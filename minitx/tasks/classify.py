@@ -74,6 +74,7 @@ class SequenceClassifier(Task):
                      config.guard, run_config)
         if init is not None:  # the pretrained trunk; the label head starts fresh
             module.model.transformer.load_state_dict(init.model.transformer.state_dict())
+            prepared.pretrained = None  # copied: let the source model's memory go for the rest of the run
         return module, LabelledDataModule(data, config.data, tokenizer.token_to_id(PAD), config.seed)
 
     def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig, tokenizer_json: str,
