@@ -150,6 +150,7 @@ def score(scorer: Scorer, tokens: np.ndarray, stride: int, batch_size: int, devi
 def load_scorer(cfg: EvalConfig, device: str) -> Scorer:
     """The model behind ckpt=: minitx.checkpoint.load's, or for backend=transformers, transformers' own."""
     from minitx.checkpoint import HF_PREFIX, load
+    from minitx.tokenizer import EOT
 
     if cfg.backend == "transformers":
         return transformers_scorer(cfg.ckpt.removeprefix(HF_PREFIX), device)  # type: ignore[union-attr]
@@ -158,9 +159,12 @@ def load_scorer(cfg: EvalConfig, device: str) -> Scorer:
     if loaded.task != "causal_lm":
         fail("ckpt", cfg.ckpt, f"a {loaded.task} checkpoint; minitx-eval scores causal language models only")
     model = loaded.model
+    # a model trained with data.document_mask=true never attended across <|endoftext|>: score it the same way
+    eot = loaded.tokenizer.token_to_id(EOT) if loaded.document_mask else None
 
     def logits_at(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        return model.lm_head(model.transformer(x)[keep])  # the head only where a token is scored
+        doc_ids = None if eot is None else (x == eot).cumsum(dim=1)
+        return model.lm_head(model.transformer(x, doc_ids=doc_ids)[keep])  # the head only where a token is scored
 
     return Scorer(logits_at, loaded.tokenizer, loaded.config.block_size)
 

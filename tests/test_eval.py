@@ -48,16 +48,18 @@ def evaluate(*args: str) -> dict:
     return run_eval(parse_key_values(EvalConfig, list(args)).validate())
 
 
-def reference_nats(model: torch.nn.Module, tokens: list[int], block_size: int, stride: int) -> tuple[float, int]:
+def reference_nats(model: torch.nn.Module, tokens: list[int], block_size: int, stride: int,
+                   eot: int | None = None) -> tuple[float, int]:
     """Summed nats over tokens[1:], one window at a time through the model's own forward: each window ends `stride`
-    tokens after the last (the first after block_size tokens) and scores the targets it adds."""
+    tokens after the last (the first after block_size tokens) and scores the targets it adds. With `eot`, attention
+    stays within the documents it separates."""
     nats, scored_to = 0.0, 0  # tokens[1 .. scored_to] are scored
     while scored_to < len(tokens) - 1:
         end = min(scored_to + stride if scored_to else block_size, len(tokens) - 1)
         begin = max(0, end - block_size)
         x, y = torch.tensor([tokens[begin:end]]), torch.tensor(tokens[begin + 1 : end + 1])
         with torch.no_grad():
-            logits = model(x)[0][0]
+            logits = model(x, None, None if eot is None else (x == eot).cumsum(dim=1))[0][0]
         new = end - scored_to
         nats += F.cross_entropy(logits[-new:], y[-new:], reduction="sum").item()
         scored_to = end
@@ -110,6 +112,26 @@ def test_documents_are_joined_by_scored_separators_of_no_bytes(run: Path, tmp_pa
     assert numbers["bytes"] == sum(len(d.encode()) for d in docs)
     assert numbers["loss"] == pytest.approx(nats / count, rel=1e-5)
     assert numbers["bpb"] == pytest.approx(nats / (math.log(2) * numbers["bytes"]), rel=1e-5)
+
+
+def test_a_model_trained_with_document_masks_is_scored_with_them(run: Path, tmp_path: Path) -> None:
+    """data.document_mask=true in the checkpoint's run config: attention never crosses <|endoftext|>, as in training."""
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    state["minitx"]["config"]["data"]["document_mask"] = True
+    torch.save(state, tmp_path / "masked.ckpt")
+    docs = make_text(20, seed=2).splitlines(keepends=True)[:3]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    masked = evaluate(f"ckpt={tmp_path / 'masked.ckpt'}", f"data.path={tmp_path / 'docs.jsonl'}", "stride=5")
+    plain = evaluate(f"ckpt={run / 'checkpoints' / 'last.ckpt'}", f"data.path={tmp_path / 'docs.jsonl'}", "stride=5")
+    loaded = minitx.load(tmp_path / "masked.ckpt")
+    assert loaded.document_mask
+    eot = loaded.tokenizer.token_to_id(EOT)
+    tokens = [eot]
+    for i, doc in enumerate(docs):
+        tokens += [eot] * (i > 0) + loaded.tokenizer.encode(doc).ids
+    nats, count = reference_nats(loaded.model, tokens, loaded.config.block_size, 5, eot=eot)
+    assert masked["loss"] == pytest.approx(nats / count, rel=1e-5)
+    assert abs(masked["loss"] - plain["loss"]) > 1e-4  # the mask changes what the model sees
 
 
 def test_a_dataset_is_scored_on_its_validation_split_unless_split_says(run: Path, tmp_path: Path) -> None:
