@@ -17,13 +17,17 @@ from lightning.pytorch.profilers import PassThroughProfiler
 
 
 class TrainingMetrics(L.Callback):
-    """Every `every` optimizer steps: `train/loss` (the last batch's), `lr`, `tokens_per_sec` (all ranks together)
-    and `mfu` (model FLOP/s over the device's peak; `peak` None measures or looks it up at the start, 0 turns it
-    off), written to the loggers at that step and shown by ProgressBar.
+    """Every `every` optimizer steps: `train/loss` (the last batch's), `lr`, `grad_norm` (the last step's global
+    gradient norm before clipping), `tokens_per_sec` (all ranks together), `mfu` (model FLOP/s over the device's
+    peak; `peak` None measures or looks it up at the start, 0 turns it off) and `time` (wall seconds of training,
+    so curves can be drawn against it), written to the loggers at that step and shown by ProgressBar.
 
     Not through `self.log`: once a value has been logged in training, Lightning re-reads it after every later
     batch and calls .item() on the progress-bar ones, a host sync on every step of a GPU run (and ~50 us a step
-    on a CPU). Here the only sync is one float() per interval."""
+    on a CPU). Here the only syncs are one float() per interval for the loss and one for the gradient norm.
+
+    `time` counts from on_train_start (after the initial evaluation, which is at time 0). It is saved in
+    checkpoints, so a resumed run continues from the time it was saved at: the pause between is not counted."""
 
     def __init__(self, every: int, peak: float | None = None):
         self.every = every
@@ -33,9 +37,23 @@ class TrainingMetrics(L.Callback):
         self._t0: float | None = None
         self._tokens = 0
         self._logged_step = -1
+        self._time_before = 0.0  # training seconds of the run this one resumes
+        self._started: float | None = None  # perf_counter() at on_train_start
+
+    def elapsed(self) -> float:
+        """Wall seconds of training so far, a resumed run's earlier time included."""
+        return self._time_before + (time.perf_counter() - self._started if self._started is not None else 0.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"time": self.elapsed()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._time_before = state_dict.get("time", 0.0)  # (checkpoints from before `time` was logged: 0)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from minitx.perf import flops_per_token, peak_flops
+
+        self._started = time.perf_counter()
 
         model = pl_module.model
         self.flops_per_token = flops_per_token(model.config, model.num_params())
@@ -56,8 +74,11 @@ class TrainingMetrics(L.Callback):
         per_sec = self._tokens * trainer.world_size / (now - self._t0)
         metrics = {"train/loss": float(outputs["loss"]), "lr": trainer.optimizers[0].param_groups[0]["lr"],
                    "tokens_per_sec": per_sec}
+        if getattr(pl_module, "grad_norm", None) is not None:
+            metrics["grad_norm"] = float(pl_module.grad_norm)
         if self.peak:
             metrics["mfu"] = per_sec * self.flops_per_token / (self.peak * trainer.world_size)
+        metrics["time"] = self.elapsed()
         self.latest = metrics
         write(trainer.loggers, metrics, step)
         self._t0, self._tokens = now, 0
@@ -80,7 +101,7 @@ class ProgressBar(TQDMProgressBar):
         self.metrics = metrics
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        shown = {k: v for k, v in self.metrics.latest.items() if k != "lr"}
+        shown = {k: v for k, v in self.metrics.latest.items() if k not in ("lr", "time")}  # (the bar shows time)
         return super().get_metrics(trainer, pl_module) | shown
 
 

@@ -92,8 +92,8 @@ def test_training_metrics_count_optimizer_steps_when_accumulating(trained: Path,
 def test_training_reads_back_only_what_the_guard_checks(trained: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Lightning's self.log(prog_bar=True) calls .item() on every logged value after every later batch: on a GPU a
-    host sync per step. minitx reads back the loss and the gradient norm once a step (the non-finite guard) and the
-    loss once more per log interval, nothing else."""
+    host sync per step. minitx reads back the loss and the gradient norm once a step (the non-finite guard) and both
+    once more per log interval, nothing else."""
     import lightning as L
 
     reads: list[int] = []
@@ -132,7 +132,7 @@ def test_training_reads_back_only_what_the_guard_checks(trained: Path, tmp_path:
     overrides = [*TINY, f"data.path={trained / 'corpus.txt'}", "trainer.max_steps=60", "logger=csv",
                  "trainer.val_check_interval=1000", "trainer.enable_progress_bar=true", "sample.max_new_tokens=0"]
     train(parse_config(compose_config(*overrides)), tmp_path, callbacks=[Window()])
-    assert len(reads) == 2 * 59 + 6, len(reads)  # batches 1..59 (0-based), logged at steps 10, 20, ..., 60
+    assert len(reads) == 2 * 59 + 2 * 6, len(reads)  # batches 1..59 (0-based), logged at steps 10, 20, ..., 60
     assert rows_during_training == [4]
 
 

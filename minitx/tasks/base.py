@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import lightning as L
 import torch
 
-from minitx.callbacks import write
+from minitx.callbacks import TrainingMetrics, write
 from minitx.checkpoint import CHECKPOINT_KEY
 from minitx.config import ConfigError, GuardConfig, MinitxError, ModelConfig, OptimConfig, TrainConfig, TrainerConfig
 from minitx.data import global_batch_index, prepare_data
@@ -119,6 +119,7 @@ class Task(L.LightningModule):
         self.run_config = run_config or {}
         self.batches_seen = 0  # training batches drawn so far: where the data stream resumes
         self.skipped_steps = 0
+        self.grad_norm: torch.Tensor | None = None  # the last step's, before clipping (0-dim; TrainingMetrics reads it)
         self.initial_metrics: dict[str, float] = {}  # the evaluation before step 1
         self._val_sums: list[dict[str, torch.Tensor]] = []  # per validation batch: name -> [sum, count]
         self._rng_to_restore: dict[str, Any] | None = None
@@ -185,6 +186,7 @@ class Task(L.LightningModule):
         """Clip by global norm (trainer.gradient_clip_val; 0 = off), and check that norm is finite. Lightning calls
         this inside optimizer.step(), after float16's loss scale has been taken out of the gradients."""
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.grad_norm = norm.detach()  # kept on the device: read once per log interval, not once a step
         if self.trainer.precision == "16-mixed":
             return  # float16's grad scaler expects overflows: it skips those steps and lowers its scale
         if not math.isfinite(norm.item()):
@@ -224,7 +226,9 @@ class Task(L.LightningModule):
         self.log_dict(metrics, logger=False, sync_dist=True)  # for the checkpoint callbacks (the same on every rank)
         step = 0 if self.trainer.sanity_checking else self.trainer.global_step  # the sanity pass: the step-0 eval
         numbers = {k: float(v) for k, v in metrics.items()}
-        write(self.loggers, numbers, step)  # at the optimizer step, as TrainingMetrics does
+        clock = next((cb for cb in self.trainer.callbacks if isinstance(cb, TrainingMetrics)), None)
+        when = {"time": clock.elapsed()} if clock else {}  # so val/loss can be drawn against wall time too
+        write(self.loggers, numbers | when, step)  # at the optimizer step, as TrainingMetrics does
         if self.trainer.is_global_zero:
             log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in numbers.items() if k != "val/ppl"))
         if self.trainer.sanity_checking:
