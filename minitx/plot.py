@@ -91,9 +91,9 @@ def wandb_records(path: Path) -> list[bytes]:
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == 0 and length == 0:  # zero padding at the end of a file still being written
+        if kind == 0 or pos + 7 + length > len(data):  # the end of a file still being written
             break
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):
             records.append(pending)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,17 @@ def test_time_and_grad_norm_are_logged(runs: list[Path]) -> None:
     assert val_times[0] == 0 and val_times == sorted(val_times) and val_times[-1] >= times[-1]
 
 
+def test_time_continues_in_a_resumed_run(runs: list[Path], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    before = max(float(r["time"]) for r in rows(run, "val/loss"))
+    overrides = [*TINY, f"data.path={runs[0].parent / 'corpus.txt'}", "logger=csv", "trainer.max_steps=60",
+                 "trainer.val_check_interval=20", "sample.max_new_tokens=0", "optim.lr=3e-3", f"resume={run}"]
+    train(parse_config(compose_config(*overrides)), run)
+    after = {int(r["step"]): float(r["time"]) for r in rows(run, "train/loss")}
+    assert before < after[50] < after[60], (before, after)
+
+
 def test_plot_draws_both_runs(runs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import matplotlib.image
 
@@ -61,6 +73,26 @@ def test_plot_draws_both_runs(runs: list[Path], tmp_path: Path, capsys: pytest.C
     assert len(colours) > 50 and pixels[..., :3].std() > 0.05  # lines, text and two runs' colours, not blank
     main([str(runs[0]), f"out={tmp_path / 'one.png'}", "x=step", "dpi=50"])
     assert matplotlib.image.imread(tmp_path / "one.png").shape[:2] == (240, 320)
+
+
+def test_plot_reads_an_offline_wandb_run(runs: list[Path], tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without csv/metrics.csv, the run's offline .wandb file: the same numbers as the CSV of the same run."""
+    import wandb
+
+    from minitx.plot import read_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    overrides = [*TINY, f"data.path={runs[0].parent / 'corpus.txt'}", "logger=wandb", "trainer.max_steps=40",
+                 "trainer.val_check_interval=20", "sample.max_new_tokens=0", "optim.lr=3e-3"]
+    train(parse_config(compose_config(*overrides)), tmp_path / "wandb_run")
+    wandb.finish()  # what the end of a minitx-train process does: wandb writes out what it holds
+    from_wandb, from_csv = read_run(str(tmp_path / "wandb_run")), read_run(str(runs[0]))
+    for metric in ("val/loss", "train/loss", "grad_norm"):
+        assert from_wandb.values[metric] == pytest.approx(from_csv.values[metric], rel=1e-4), metric
+    assert sorted(from_wandb.time) == [0, 10, 20, 30, 40]
+    main([str(tmp_path / "wandb_run"), str(runs[1]), f"out={tmp_path / 'mixed.png'}"])
+    assert (tmp_path / "mixed.png").stat().st_size > 10_000
 
 
 def test_plot_help_lists_the_keys(capsys: pytest.CaptureFixture[str]) -> None:
