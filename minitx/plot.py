@@ -9,6 +9,7 @@ Shell globs give the directories: `minitx-plot outputs/shakespeare_char/* output
 from __future__ import annotations
 
 import csv
+import json
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -37,26 +38,25 @@ class PlotConfig:
 
 @dataclass
 class Curves:
-    """One run's logged numbers: metric -> {step: value}, and the wall time of each step that has one."""
+    """One run's logged numbers: metric -> {step: (value, wall seconds of training when it was logged, if known)}."""
 
     label: str
-    values: dict[str, dict[int, float]] = field(default_factory=dict)
-    time: dict[int, float] = field(default_factory=dict)
+    points: dict[str, dict[int, tuple[float, float | None]]] = field(default_factory=dict)
 
     def add(self, row: dict[str, float], step: int) -> None:
         """A logged row; a step logged twice (a resumed run) keeps the later value."""
+        when = row.get("time")
         for name, value in row.items():
-            if name == "time":
-                self.time[step] = value
-            elif name != "step":
-                self.values.setdefault(name, {})[step] = value
+            if name not in ("time", "step"):
+                self.points.setdefault(name, {})[step] = (value, when)
 
     def series(self, name: str, x: str) -> tuple[list[float], list[float]]:
-        """`name` against the step (x="step") or against wall seconds (x="time"; steps without a time left out)."""
-        points = sorted(self.values.get(name, {}).items())
+        """`name` against the step (x="step") or against wall seconds (x="time"; rows without a time left out)."""
+        points = sorted(self.points.get(name, {}).items())
         if x == "step":
-            return [s for s, _ in points], [v for _, v in points]
-        return [self.time[s] for s, _ in points if s in self.time], [v for s, v in points if s in self.time]
+            return [step for step, _ in points], [value for _, (value, _) in points]
+        timed = [(when, value) for _, (value, when) in points if when is not None]
+        return [when for when, _ in timed], [value for _, value in timed]
 
 
 def run_label(run: Path) -> str:
@@ -66,9 +66,9 @@ def run_label(run: Path) -> str:
         from omegaconf import OmegaConf
 
         name = OmegaConf.load(config).get("name")
-        if name and name != run.name:
-            return f"{name}/{run.name}"
-    return run.name
+        if name and name != run.resolve().name:
+            return f"{name}/{run.resolve().name}"
+    return run.resolve().name
 
 
 def read_csv(path: Path, curves: Curves) -> None:
@@ -102,8 +102,6 @@ def wandb_records(path: Path) -> list[bytes]:
 
 def read_wandb(path: Path, curves: Curves) -> None:
     """The history rows of an offline wandb run, at Lightning's step (trainer/global_step)."""
-    import json
-
     from wandb.proto import wandb_internal_pb2
 
     for data in wandb_records(path):
@@ -130,12 +128,14 @@ def read_run(directory: str) -> Curves:
     if (run / "csv" / "metrics.csv").is_file():
         read_csv(run / "csv" / "metrics.csv", curves)
     else:
+        from google.protobuf.message import DecodeError
+
         for path in sorted(run.glob("wandb/offline-run-*/run-*.wandb")):
             try:
                 read_wandb(path, curves)
-            except Exception as e:  # a truncated or foreign file: say which
+            except (ValueError, DecodeError) as e:  # a foreign or damaged file: say which
                 fail("run", directory, f"cannot read {path}: {e}")
-    if "val/loss" not in curves.values:
+    if "val/loss" not in curves.points:
         fail("run", directory, "no val/loss logged (csv/metrics.csv or an offline wandb run; logger=none logs none)")
     return curves
 
@@ -148,7 +148,7 @@ def plot(runs: list[str], cfg: PlotConfig) -> None:
     axes_x = ["step", "time"] if cfg.x == "both" else [cfg.x]
     if "time" in axes_x:
         for run, curves in zip(runs, all_curves, strict=True):
-            if not curves.time:
+            if not curves.series("val/loss", "time")[0]:
                 fail("run", run, "no `time` logged (runs from before minitx logged it); use x=step")
 
     import matplotlib

@@ -89,8 +89,10 @@ def test_plot_reads_an_offline_wandb_run(runs: list[Path], tmp_path: Path,
     wandb.finish()  # what the end of a minitx-train process does: wandb writes out what it holds
     from_wandb, from_csv = read_run(str(tmp_path / "wandb_run")), read_run(str(runs[0]))
     for metric in ("val/loss", "train/loss", "grad_norm"):
-        assert from_wandb.values[metric] == pytest.approx(from_csv.values[metric], rel=1e-4), metric
-    assert sorted(from_wandb.time) == [0, 10, 20, 30, 40]
+        steps, values = from_wandb.series(metric, "step")
+        assert (steps, values) == (from_csv.series(metric, "step")[0], pytest.approx(from_csv.series(metric, "step")[1],
+                                                                                     rel=1e-4)), metric
+        assert len(from_wandb.series(metric, "time")[0]) == len(steps)  # every row has its time
     main([str(tmp_path / "wandb_run"), str(runs[1]), f"out={tmp_path / 'mixed.png'}"])
     assert (tmp_path / "mixed.png").stat().st_size > 10_000
 
@@ -117,3 +119,13 @@ def test_plot_errors_are_one_line(runs: list[Path], tmp_path: Path) -> None:
                                 timeout=60)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
         assert expected in result.stderr, result.stderr
+
+
+def test_runs_are_named_by_config_and_folder(tmp_path: Path) -> None:
+    from minitx.plot import run_label
+
+    run = tmp_path / "2026-11-30_15-44-00"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("name: shakespeare_char_fast\nseed: 1\n")
+    assert run_label(run) == "shakespeare_char_fast/2026-11-30_15-44-00"
+    assert run_label(tmp_path) == tmp_path.name  # no .hydra/ (a run of minitx.train.train): the folder name

@@ -504,7 +504,8 @@ def test_training_step_equals_a_plain_loop(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(make_text(2000))
     config = parse_config(compose_config(
-        *TINY, f"data.path={corpus}", "logger=none", "trainer.max_steps=6", "trainer.accumulate_grad_batches=3",
+        *TINY, f"data.path={corpus}", "logger=csv", "trainer.log_every_n_steps=1", "trainer.max_steps=6",
+        "trainer.accumulate_grad_batches=3",
         "trainer.gradient_clip_val=0.05", "optim.warmup_steps=2", "data.batch_size=4", "sample.max_new_tokens=0",
         "trainer.val_check_interval=6"))  # evaluations between steps (they never fall inside a window)
     train(config, tmp_path / "run")
@@ -527,5 +528,8 @@ def test_training_step_equals_a_plain_loop(tmp_path: Path) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     assert min(norms) > 0.05  # clipping was active on every step
+    with open(tmp_path / "run" / "csv" / "metrics.csv") as f:  # the logged grad_norm is the norm before clipping
+        logged_norms = {int(r["step"]): float(r["grad_norm"]) for r in csv.DictReader(f) if r["grad_norm"]}
+    assert [logged_norms[s] for s in sorted(logged_norms)] == pytest.approx(norms, rel=1e-4)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(trained["state_dict"][f"model.{name}"], value, atol=1e-5, rtol=1e-4)
