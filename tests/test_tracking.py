@@ -31,6 +31,8 @@ def wandb_records(path: Path) -> Iterator[Any]:
             pos += block - pos % block
             continue
         length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if pos + 7 + length > len(data):  # still being written
+            return
         pending += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
@@ -63,9 +65,19 @@ def wandb_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 
 def records_of(root: Path) -> dict[str, list[Any]]:
+    """The run's records by kind, once its exit record is written (wandb's service writes the file on its own time:
+    run.finish() may return first)."""
+    import time
+
     [path] = (root / "wandb").glob("offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + 30
+    while True:
+        records = list(wandb_records(path))
+        if (records and records[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     kinds: dict[str, list[Any]] = {}
-    for record in wandb_records(path):
+    for record in records:
         kind = record.WhichOneof("record_type")
         kinds.setdefault(kind, []).append(getattr(record, kind))
     return kinds
@@ -121,3 +133,20 @@ def test_summary_json_and_the_printed_block(wandb_run: tuple[Path, str]) -> None
     best, final = summary["best_val_loss"], summary["final_val_loss"]
     assert lines[1] == f"val/loss: best {best:.4f} at step 40, final {final:.4f}"
     assert lines[2:5] == [f"checkpoint: {summary['checkpoint']}", f"wandb (offline): wandb sync {sync_dir}", "sample:"]
+
+
+def test_a_masked_lm_logs_its_fills(tmp_path: Path) -> None:
+    (tmp_path / "corpus.txt").write_text(make_text(500))
+    cfg = compose_config(*TINY, f"data.path={tmp_path / 'corpus.txt'}", "logger=wandb", "task=masked_lm",
+                         "trainer.max_steps=10", "trainer.val_check_interval=10",
+                         'sample.prompts=["the [MASK] cat", "no mask here"]', "sample.prompt='the [MASK]'")
+    train(parse_config(cfg), tmp_path)
+    [run] = records_of(tmp_path)["run"]
+    assert run.job_type == "masked_lm"
+    [path] = sorted((tmp_path / "wandb").glob("offline-run-*/files/media/table/samples_*.table.json"),
+                    key=lambda p: int(p.name.split("_")[1]))[-1:]
+    table = json.loads(path.read_text())
+    assert table["columns"] == ["step", "prompt", "fills"]
+    assert [row[:2] for row in table["data"]] == [[0, "the [MASK] cat"], [10, "the [MASK] cat"]]  # no [MASK]: no row
+    assert table["data"][-1][2].count("'") == 10  # five fills, each a quoted token with its probability
+    assert json.loads((tmp_path / "summary.json").read_text())["task"] == "masked_lm"

@@ -305,6 +305,8 @@ def test_checkpoint_whose_pickle_runs_code_is_refused(tmp_path: Path, monkeypatc
         (["data.mlm_probability=1.5"], "data.mlm_probability=1.5: must be in (0, 1); BERT uses 0.15"),
         (["tokenizer.path=missing.json"], "tokenizer.path='missing.json': no such file"),
         (["seed=-1"], "seed=-1: must be in [0, 2**32)"),
+        (["sample.table_tokens=-1"], "sample.table_tokens=-1: must be >= 0"),
+        (["sample.prompts=def"], "sample.prompts='def': expected list of str"),
         (["seed=4294967296"], "seed=4294967296: must be in [0, 2**32)"),
         pytest.param(["trainer.precision=16-mixed"], "trainer.precision='16-mixed': float16 needs a GPU",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only check")),
