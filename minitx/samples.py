@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 class SampleTable(L.Callback):
     """After each evaluation, on rank 0: the task's rows (Task.samples) for this step, added to every earlier
     evaluation's, logged as the wandb table `samples` (columns step, prompt, then the task's). Sampled in eval mode
-    without gradients; training mode is restored after."""
+    without gradients, under the run's precision (autocast for *-mixed), with the kernel the run trains with;
+    training mode is restored after."""
 
     def __init__(self, config: TrainConfig, tokenizer: Tokenizer, key: str = "samples"):
         self.config, self.tokenizer, self.key = config, tokenizer, key
@@ -30,7 +31,7 @@ class SampleTable(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), trainer.precision_plugin.forward_context():  # as validation computes
                 rows = pl_module.samples(self.config, self.tokenizer)
         finally:
             pl_module.train(was_training)
