@@ -52,7 +52,7 @@ class RunSummary(L.Callback):
         values = [m[key] for m in self.logged if key in m]
         return sum(values) / len(values) if values else None
 
-    def summary(self, name: str, task: str, steps: int, checkpoint: str) -> dict[str, Any]:
+    def numbers(self, name: str, task: str, steps: int, checkpoint: str) -> dict[str, Any]:
         """The keys of summary.json: best and final val/loss (None without an evaluation), the best one's step,
         steps, tokens, wall time, mean throughput and mfu as logged (None if never logged)."""
         trained = [e for e in self.evaluations if e[0] > 0] or self.evaluations  # best.ckpt is never from step 0

@@ -298,7 +298,7 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     if trainer.is_global_zero:
         start = f"{module.initial_metrics[metric]:.4f} at step 0 -> " if metric in module.initial_metrics else ""
         log.info("%s %s%.4f at step %d (best %.4f)", metric, start, final, trainer.global_step, best_value)
-        numbers = summary.summary(config.name, task.task or config.task, trainer.global_step, best.best_model_path)
+        numbers = summary.numbers(config.name, task.task or config.task, trainer.global_step, best.best_model_path)
         write_summary(numbers, out_dir)
         sync_dir = offline_dir(trainer.logger)
         finish_wandb(trainer.logger, numbers, best.best_model_path, config.logger.log_model)
