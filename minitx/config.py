@@ -256,6 +256,7 @@ class LoggerConfig:
     kind: str = "wandb"  # wandb | csv | none
     project: str = "minitx"
     offline: bool | None = None  # wandb: null = offline unless an API key is set and the server answers
+    log_model: bool = False  # wandb: best.ckpt as a model artifact at the end (offline: uploaded by wandb sync)
 
     def validate(self) -> LoggerConfig:
         if self.kind not in ("wandb", "csv", "none"):
@@ -306,6 +307,17 @@ class SampleAfterConfig:
 
     prompt: str = "def "  # causal_lm continues it; masked_lm fills its [MASK]s; classify labels it (if not empty)
     max_new_tokens: int = 200  # causal_lm: tokens to sample (0: no sample)
+    prompts: list[str] = field(default_factory=list)  # wandb: a table of these at every validation ([]: [prompt])
+    table_tokens: int = 64  # wandb: tokens sampled per prompt for the table (0: no table)
+
+    def validate(self) -> SampleAfterConfig:
+        if self.table_tokens < 0:
+            fail("sample.table_tokens", self.table_tokens, "must be >= 0 (0: no samples table)")
+        return self
+
+    @property
+    def table_prompts(self) -> list[str]:
+        return self.prompts or [self.prompt]
 
 
 @dataclass
@@ -339,6 +351,7 @@ class TrainConfig:
         self.checkpoint.validate()
         self.guard.validate()
         self.perf.validate()
+        self.sample.validate()
         if not 0 <= self.seed < 2**32:  # numpy's and Lightning's seeding refuse anything else, with a traceback
             fail("seed", self.seed, "must be in [0, 2**32)")
         task_class(self.task).check_config(self)
@@ -405,6 +418,10 @@ def _checked(cls: Any, values: Mapping[str, Any], prefix: str) -> tuple[dict[str
             typed[key], strings[key] = _checked(hint, value, where + ".")
         elif isinstance(value, str) and str in _options(hint):
             strings[key] = value
+        elif typing.get_origin(hint) is list:  # a list of strings (the only kind of list a setting is): kept as text
+            if not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
+                fail(where, value, "expected list of str")
+            strings[key] = list(value)
         elif value is None:
             if type(None) not in _options(hint):
                 fail(where, value, "must be set")

@@ -78,6 +78,9 @@ def scalar(value: Any) -> str:
             return ".nan" if math.isnan(value) else ("-.inf" if value < 0 else ".inf")
         text = repr(value)
         return text.replace("e", ".0e", 1) if "e" in text and "." not in text else text  # YAML 1.1 wants 1.0e-05
+    if isinstance(value, list):  # a flow list, each item quoted: a comma or a bracket in it stays inside it
+        return "[" + ", ".join(json.dumps(item.replace("${", "\\${")) if isinstance(item, str) else scalar(item)
+                               for item in value) + "]"
     if isinstance(value, str):
         text = value.replace("${", "\\${")  # text, not an interpolation
         return text if value and _reads_back(text, value) else json.dumps(text)

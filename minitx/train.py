@@ -23,6 +23,7 @@ from minitx.config import RUNTIME_KEYS, ConfigError, MinitxError, ModelConfig, T
 from minitx.resources import config_dir
 
 if TYPE_CHECKING:
+    from minitx.summary import RunSummary
     from minitx.tasks import Prepared, Task
 
 CONF_DIR = config_dir()
@@ -189,9 +190,9 @@ def sized_model(config: TrainConfig, prepared: Prepared, kernel: str) -> ModelCo
 
 
 def make_trainer(config: TrainConfig, task: type[Task], out_dir: Path, ckpt_dir: Path, resume: Resume | None,
-                 run_config: dict[str, Any], callbacks: list[Any]) -> tuple[Any, Any]:
-    """The Lightning Trainer with minitx's callbacks (checkpoints, metrics, progress), and the best-checkpoint
-    callback."""
+                 run_config: dict[str, Any], callbacks: list[Any], tokenizer: Any) -> tuple[Any, Any, RunSummary]:
+    """The Lightning Trainer with minitx's callbacks (checkpoints, metrics, progress, the run summary; with wandb,
+    the samples table), the best-checkpoint callback and the run-summary one."""
     import lightning as L
 
     from minitx.callbacks import (
@@ -202,6 +203,8 @@ def make_trainer(config: TrainConfig, task: type[Task], out_dir: Path, ckpt_dir:
         ProgressBar,
         TrainingMetrics,
     )
+    from minitx.samples import SampleTable
+    from minitx.summary import RunSummary
     from minitx.tracking import make_logger
 
     metric, mode = task.monitor
@@ -216,12 +219,15 @@ def make_trainer(config: TrainConfig, task: type[Task], out_dir: Path, ckpt_dir:
     )
     metrics = TrainingMetrics(config.trainer.log_every_n_steps, config.perf.peak_flops)
     progress_bar = [ProgressBar(config.trainer.log_every_n_steps, metrics)] * config.trainer.enable_progress_bar
+    summary = RunSummary(metrics)
     run_id = resume.meta.get("logger_run_id") if resume else None
+    logger = make_logger(config.logger, config.name, out_dir, run_config, run_id, task.task or config.task)
+    samples = [SampleTable(config, tokenizer)] if config.logger.kind == "wandb" else []
     trainer = L.Trainer(
         **{k: v for k, v in dataclasses.asdict(config.trainer).items()
            if k not in ("gradient_clip_val", "accumulate_grad_batches")},  # the Task's own step applies these
-        logger=make_logger(config.logger, config.name, out_dir, run_config, run_id),
-        callbacks=[best, periodic, metrics, FinalValidation(), *progress_bar, *callbacks],
+        logger=logger,
+        callbacks=[best, periodic, metrics, summary, FinalValidation(), *progress_bar, *samples, *callbacks],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=out_dir,
         check_val_every_n_epoch=None,  # validate every val_check_interval batches of the endless stream
@@ -231,7 +237,7 @@ def make_trainer(config: TrainConfig, task: type[Task], out_dir: Path, ckpt_dir:
         enable_model_summary=False,
         profiler=NoProfiler(),
     )
-    return trainer, best
+    return trainer, best, summary
 
 
 def quiet_lightning() -> None:
@@ -255,8 +261,10 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     (tests use it to inject faults)."""
     import lightning as L
 
+    from minitx.summary import print_summary, write_summary
     from minitx.tasks import task_class
     from minitx.tokenizer import id_limit
+    from minitx.tracking import finish_wandb, offline_dir
 
     quiet_lightning()
     task = task_class(config.task)
@@ -274,7 +282,8 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
         check_same_run(resume.meta, model_cfg, prepared.tokenizer.to_str(), str(config.resume))
     run_config = dataclasses.asdict(config) | {"model": dataclasses.asdict(model_cfg)}
     module, datamodule = task.build(config, model_cfg, prepared, run_config)
-    trainer, best = make_trainer(config, task, out_dir, ckpt_dir, resume, run_config, callbacks or [])
+    trainer, best, summary = make_trainer(config, task, out_dir, ckpt_dir, resume, run_config, callbacks or [],
+                                          prepared.tokenizer)
     if trainer.is_global_zero:
         log.info("data: %s, vocabulary %d", prepared.description, id_limit(prepared.tokenizer))
         log.info("model: %.2fM parameters, attention=%s (%s); outputs in %s", module.model.num_params() / 1e6,
@@ -289,7 +298,11 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     if trainer.is_global_zero:
         start = f"{module.initial_metrics[metric]:.4f} at step 0 -> " if metric in module.initial_metrics else ""
         log.info("%s %s%.4f at step %d (best %.4f)", metric, start, final, trainer.global_step, best_value)
-        print(f"checkpoint: {best.best_model_path}", flush=True)
+        numbers = summary.numbers(config.name, task.task or config.task, trainer.global_step, best.best_model_path)
+        write_summary(numbers, out_dir)
+        sync_dir = offline_dir(trainer.logger)
+        finish_wandb(trainer.logger, numbers, best.best_model_path, config.logger.log_model)
+        print_summary(numbers, sync_dir)
         try:
             module.show(config, prepared.tokenizer)
         except MinitxError as e:  # the run and its checkpoints are done: a display that cannot be made is a warning

@@ -45,7 +45,7 @@ def test_every_group_file_is_rendered_from_the_schema() -> None:
 
 @pytest.mark.parametrize("value", ["def ", "\n", "", "1e-5", "@x", "`x", "*a", "!x", "%x", "${x}", "a: b", "#c",
                                    "yes", "null", "[MASK]", "import o[MASK]", "x\\y", 1e-5, 10000.0, float("inf"),
-                                   None, True, 3])
+                                   None, True, 3, [], ["def "], ["a, b", "]x", "${x}", "it's \"q\"", "yes", "\n"]])
 def test_rendered_values_read_back_as_the_same_value(value: object) -> None:
     from minitx.config_files import scalar
 
@@ -99,6 +99,11 @@ def test_typed_merge_keeps_one_line_errors_and_fills_defaults() -> None:
         assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
     with pytest.raises(ConfigError, match=r"^model=5: expected a section of keys$"):
         from_mapping(TrainConfig, {"model": 5})
+    for prompts in ("def ", ["def ", 3], [None]):
+        with pytest.raises(ConfigError, match=r"^sample\.prompts=.*: expected list of str$"):
+            from_mapping(TrainConfig, {"sample": {"prompts": prompts}})
+    assert from_mapping(TrainConfig, {"sample": {"prompts": ["${x}", "a"]}}).sample.prompts == ["${x}", "a"]
+    assert TrainConfig().sample.table_prompts == ["def "]
     resolved = {"sample": {"prompt": "echo ${HOME} \\${x}"}, "data": {"path": "a${b"}}  # already resolved: text
     config = from_mapping(TrainConfig, resolved)
     assert (config.sample.prompt, config.data.path) == ("echo ${HOME} \\${x}", "a${b")

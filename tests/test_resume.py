@@ -16,6 +16,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import make_text
+from test_tracking import records_of
 from test_train import compose_config, run_cli
 
 import minitx
@@ -202,6 +203,9 @@ def test_resume_continues_the_same_wandb_run(tmp_path: Path, corpus: Path) -> No
     assert run_cli("minitx-train", *base, f"hydra.run.dir={first}", cwd=tmp_path).returncode == 0
     [run] = (first / "wandb").glob("offline-run-*")
     run_id = run.name.rsplit("-", 1)[1]
+    [first_run] = records_of(first)["run"]  # tagged with the command line's overrides
+    assert {"logger=wandb", "trainer.max_steps=10", "model.n_layer=2"} <= set(first_run.tags)
+    assert all(len(tag) <= 64 for tag in first_run.tags)
     # resuming a finished run with a larger max_steps extends it
     result = run_cli("minitx-train", *base, "trainer.max_steps=20", f"resume={first}", f"hydra.run.dir={second}",
                      cwd=tmp_path)

@@ -6,6 +6,7 @@ import contextlib
 import csv
 import dataclasses
 import io
+import json
 import os
 import random
 import re
@@ -305,6 +306,8 @@ def test_checkpoint_whose_pickle_runs_code_is_refused(tmp_path: Path, monkeypatc
         (["data.mlm_probability=1.5"], "data.mlm_probability=1.5: must be in (0, 1); BERT uses 0.15"),
         (["tokenizer.path=missing.json"], "tokenizer.path='missing.json': no such file"),
         (["seed=-1"], "seed=-1: must be in [0, 2**32)"),
+        (["sample.table_tokens=-1"], "sample.table_tokens=-1: must be >= 0"),
+        (["sample.prompts=def"], "sample.prompts='def': expected list of str"),
         (["seed=4294967296"], "seed=4294967296: must be in [0, 2**32)"),
         pytest.param(["trainer.precision=16-mixed"], "trainer.precision='16-mixed': float16 needs a GPU",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only check")),
@@ -434,12 +437,20 @@ def test_multirun_sweep_writes_one_run_per_value(tmp_path: Path) -> None:
     (tmp_path / "corpus.txt").write_text(make_text(500))
     sweep = tmp_path / "sweep"
     result = run_cli("minitx-train", "-m", "model.attention=naive,sdpa", *TINY, "trainer.max_steps=20",
-                     "sample.max_new_tokens=0", "logger=none", "data.path=corpus.txt", f"hydra.sweep.dir={sweep}",
+                     "sample.max_new_tokens=0", "logger=wandb", "data.path=corpus.txt", f"hydra.sweep.dir={sweep}",
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    from test_tracking import records_of
+
+    runs = []
     for job, kernel in ((0, "naive"), (1, "sdpa")):
         assert f"model.attention={kernel}" in (sweep / str(job) / ".hydra" / "overrides.yaml").read_text()
         assert minitx.load(sweep / str(job) / "checkpoints" / "best.ckpt").config.attention == kernel
+        [run] = records_of(sweep / str(job))["run"]  # a wandb run of its own, in the sweep's group
+        assert f"model.attention={kernel}" in run.tags and run.run_group == "default"
+        runs.append(run.run_id)
+        assert json.loads((sweep / str(job) / "summary.json").read_text())["steps"] == 20
+    assert runs[0] != runs[1]
 
 
 def loss_curve(run_dir: Path) -> list[float]:

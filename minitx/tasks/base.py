@@ -104,6 +104,12 @@ class Task(L.LightningModule):
     def show(self, config: TrainConfig, tokenizer: Tokenizer) -> None:
         """What the end of training prints from the final weights (config.sample), on rank 0."""
 
+    def samples(self, config: TrainConfig, tokenizer: Tokenizer) -> list[dict[str, str]]:
+        """Rows of the wandb samples table logged at every evaluation (minitx.samples): what the model makes of each
+        of sample.table_prompts now; a task with nothing to show returns none. Called in eval mode, without
+        gradients."""
+        return []
+
     # -- training ----------------------------------------------------------------------------------------------------
 
     def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig,

@@ -142,3 +142,16 @@ class CausalLM(Task):
                                                        temperature=0.8, top_k=200, generator=generator)):
             print(piece, end="", flush=True)
         print(flush=True)
+
+    def samples(self, config: TrainConfig, tokenizer: Tokenizer) -> list[dict[str, str]]:
+        """Each prompt continued by sample.table_tokens tokens, drawn as the end-of-training sample is (seeded)."""
+        from minitx.generation import generate
+
+        rows = []
+        generator = torch.Generator(device=next(self.model.parameters()).device).manual_seed(config.seed)
+        for prompt in config.sample.table_prompts:
+            ids = (tokenizer.encode(prompt).ids or [tokenizer.token_to_id(EOT)])[-self.model_cfg.block_size:]
+            new = list(generate(self.model, ids, config.sample.table_tokens, temperature=0.8, top_k=200,
+                                generator=generator))
+            rows.append({"prompt": prompt, "continuation": tokenizer.decode(new)})
+        return rows

@@ -120,3 +120,18 @@ class MaskedLM(Task):
         self.check_kernel_for(length, 0)
         print(f"fill-mask: {prompt}", flush=True)
         show_fills(self.model, tokenizer, prompt)
+
+    def samples(self, config: TrainConfig, tokenizer: Tokenizer) -> list[dict[str, str]]:
+        """The five most likely fills of each [MASK] in each prompt that has one and fits model.block_size."""
+        from minitx.config import MinitxError
+        from minitx.generation import fill_mask
+
+        rows = []
+        for prompt in config.sample.table_prompts:
+            try:
+                fills = fill_mask(self.model, tokenizer, prompt)
+            except MinitxError:  # no [MASK], or too long: nothing to fill
+                continue
+            rows.append({"prompt": prompt, "fills": " | ".join(
+                "  ".join(f"{token!r} {p:.3f}" for token, p in candidates) for candidates in fills)})
+        return rows
