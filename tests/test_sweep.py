@@ -83,6 +83,8 @@ def test_a_failed_job_is_a_row_with_its_error(tmp_path: Path) -> None:
     """An exception in a job (Hydra's JobStatus.FAILED) is the row's error; the rows after it carry on."""
     hydra = {"sweep": {"dir": str(tmp_path)}, "overrides": {"task": ["model.n_layer=1,2", "logger=none"]},
              "runtime": {"output_dir": str(tmp_path / "0")}, "job": {"num": 0}}
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "summary.json").write_text(json.dumps({"final_val_loss": 2.75, "steps": 10}))  # train()'s
     summary = SweepSummary()
     summary.on_multirun_start(OmegaConf.create({"hydra": hydra}))
     atexit.unregister(summary.report)
@@ -93,8 +95,8 @@ def test_a_failed_job_is_a_row_with_its_error(tmp_path: Path) -> None:
         summary.on_job_start(job)
         summary.on_job_end(job, JobReturn(status=status, _return_value=value))
     rows = read_rows(tmp_path / "summary.csv")
-    assert [(r["overrides"], r["best_val_loss"], r["error"]) for r in rows] == [
-        ("model.n_layer=1", "", "RuntimeError: loss is nan"), ("model.n_layer=2", "2.5", "")]
+    assert [(r["overrides"], r["best_val_loss"], r["final_val_loss"], r["steps"], r["error"]) for r in rows] == [
+        ("model.n_layer=1", "", "", "", "RuntimeError: loss is nan"), ("model.n_layer=2", "2.5", "2.75", "10", "")]
 
 
 @pytest.mark.slow
