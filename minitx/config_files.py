@@ -34,7 +34,7 @@ TRAIN_HEADER = """\
 # minitx-train: a run is composed from the groups below, in this order; any key can be overridden:
 #   minitx-train model.n_layer=6 optim.lr=3e-4 trainer.max_steps=500
 #   minitx-train experiment=shakespeare_char data.path=input.txt
-#   minitx-train -m model.attention=naive,sdpa          # a sweep, one run per value
+#   minitx-train -m model.attention=naive,sdpa          # a sweep, one run per value; a table at its end
 defaults:
   - model: gpt
   - tokenizer: char            # tokenizer=bpe, or tokenizer.path=<tokenizer.json>
@@ -45,6 +45,7 @@ defaults:
   - hydra: default
   - _self_
   - experiment: null           # experiment=<name>: a file in conf/experiment/ that overrides all of the above
+  - hparams_search: null       # -m hparams_search=optuna: an Optuna search (conf/hparams_search/optuna.yaml)
 """
 
 # conf/<group>/<option>.yaml: (what the option is, its settings)

@@ -16,7 +16,7 @@ from conftest import ROOT, make_text
 
 import minitx
 
-GROUPS = ("data", "experiment", "hydra", "logger", "model", "optim", "tokenizer", "trainer")
+GROUPS = ("data", "experiment", "hparams_search", "hydra", "logger", "model", "optim", "tokenizer", "trainer")
 SMOKE = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "data.batch_size=8",
          "data.val_batches=2", "trainer.max_steps=5", "trainer.val_check_interval=5", "trainer.log_every_n_steps=1",
          "trainer.enable_progress_bar=false", "sample.max_new_tokens=10", "logger=csv"]
