@@ -119,9 +119,10 @@ def aligned(lines: list[tuple[str, str]]) -> str:
 def render(name: str) -> str:
     """The text of conf/`name` (train.yaml or a file of GROUP_FILES)."""
     if name == "train.yaml":
-        return f"{GENERATED}\n{TRAIN_HEADER}\n" + aligned(section_lines(TrainConfig(), skip=GROUPS))
+        header = TRAIN_HEADER.replace("defaults:", f"{GENERATED}\ndefaults:", 1)  # after what the file is for
+        return f"{header}\n" + aligned(section_lines(TrainConfig(), skip=GROUPS))
     about, settings = GROUP_FILES[name]
-    return f"{GENERATED}\n# {about}\n" + aligned(section_lines(settings))
+    return f"# {about}\n{GENERATED}\n" + aligned(section_lines(settings))
 
 
 def rendered_files() -> list[str]:

@@ -122,3 +122,10 @@ def test_train_help_lists_the_groups_and_every_key() -> None:
     assert "experiment: classify, mlm, shakespeare_char" in result.stdout
     for field in dataclasses.fields(ModelConfig):
         assert f"  {field.name}: " in result.stdout, field.name
+
+
+def test_every_config_file_says_what_it_is_for_on_its_first_line() -> None:
+    """(After Hydra's `# @package` directive, which must come first.)"""
+    for path in CONF.rglob("*.yaml"):
+        lines = [line for line in path.read_text().splitlines() if not line.startswith("# @package")]
+        assert lines[0].startswith("# ") and len(lines[0]) > 20, path
