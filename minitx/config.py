@@ -419,9 +419,9 @@ def _checked(cls: Any, values: Mapping[str, Any], prefix: str) -> tuple[dict[str
         elif isinstance(value, str) and str in _options(hint):
             strings[key] = value
         elif typing.get_origin(hint) is list:  # a list of strings (the only kind of list a setting is): kept as text
-            if not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
+            if not (isinstance(value, list) and all(_accepts(str, item) for item in value)):
                 fail(where, value, "expected list of str")
-            strings[key] = list(value)
+            strings[key] = [str(item) for item in value]  # (Hydra reads [def, 1] as ["def", 1])
         elif value is None:
             if type(None) not in _options(hint):
                 fail(where, value, "must be set")

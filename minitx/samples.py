@@ -3,6 +3,7 @@ LM, [MASK] fills for a masked LM), one row per prompt and evaluation, so the run
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
@@ -12,6 +13,9 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
     from minitx.config import TrainConfig
+
+
+log = logging.getLogger("minitx")
 
 
 class SampleTable(L.Callback):
@@ -33,6 +37,9 @@ class SampleTable(L.Callback):
         try:
             with torch.no_grad(), trainer.precision_plugin.forward_context():  # as validation computes
                 rows = pl_module.samples(self.config, self.tokenizer)
+        except Exception as e:  # the table is a view of training, never a reason to stop it
+            log.warning("samples table skipped at step %d: %s", step, e)
+            return
         finally:
             pl_module.train(was_training)
         if not rows:

@@ -78,3 +78,12 @@ def finish_wandb(logger: Any, summary: dict[str, Any], checkpoint: str, log_mode
         artifact.add_file(checkpoint, name="best.ckpt")
         run.log_artifact(artifact, aliases=["best", "latest"])
     run.finish()
+
+
+def abort_wandb(logger: Any) -> None:
+    """Finish the wandb run of a run that failed (exit code 1), so that the next job of a sweep in this process does
+    not log into it. Nothing if no wandb run was started."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+        logger.experiment.finish(exit_code=1)

@@ -264,7 +264,7 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     from minitx.summary import print_summary, write_summary
     from minitx.tasks import task_class
     from minitx.tokenizer import id_limit
-    from minitx.tracking import finish_wandb, offline_dir
+    from minitx.tracking import abort_wandb, finish_wandb, offline_dir
 
     quiet_lightning()
     task = task_class(config.task)
@@ -290,7 +290,11 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
                  kernel, why, out_dir)
         if resume:
             log.info("resuming %s at step %d", resume.path, resume.step)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume.path) if resume else None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume.path) if resume else None)
+    except BaseException:
+        abort_wandb(trainer.logger)
+        raise
 
     metric = task.monitor[0]
     final = float(trainer.callback_metrics[metric])
@@ -299,6 +303,8 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
         start = f"{module.initial_metrics[metric]:.4f} at step 0 -> " if metric in module.initial_metrics else ""
         log.info("%s %s%.4f at step %d (best %.4f)", metric, start, final, trainer.global_step, best_value)
         numbers = summary.numbers(config.name, task.task or config.task, trainer.global_step, best.best_model_path)
+        if metric == "val/loss":  # best.ckpt's score: after a resume, the evaluations before it count too
+            numbers["best_val_loss"] = best_value
         write_summary(numbers, out_dir)
         sync_dir = offline_dir(trainer.logger)
         finish_wandb(trainer.logger, numbers, best.best_model_path, config.logger.log_model)

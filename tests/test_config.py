@@ -101,7 +101,8 @@ def test_typed_merge_keeps_one_line_errors_and_fills_defaults() -> None:
         assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
     with pytest.raises(ConfigError, match=r"^model=5: expected a section of keys$"):
         from_mapping(TrainConfig, {"model": 5})
-    for prompts in ("def ", ["def ", 3], [None]):
+    assert from_mapping(TrainConfig, {"sample": {"prompts": ["def ", 3]}}).sample.prompts == ["def ", "3"]  # as str
+    for prompts in ("def ", ["def ", True], [None]):
         with pytest.raises(ConfigError, match=r"^sample\.prompts=.*: expected list of str$"):
             from_mapping(TrainConfig, {"sample": {"prompts": prompts}})
     assert from_mapping(TrainConfig, {"sample": {"prompts": ["${x}", "a"]}}).sample.prompts == ["${x}", "a"]

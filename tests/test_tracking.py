@@ -150,3 +150,21 @@ def test_a_masked_lm_logs_its_fills(tmp_path: Path) -> None:
     assert [row[:2] for row in table["data"]] == [[0, "the [MASK] cat"], [10, "the [MASK] cat"]]  # no [MASK]: no row
     assert table["data"][-1][2].count("'") == 10  # five fills, each a quoted token with its probability
     assert json.loads((tmp_path / "summary.json").read_text())["task"] == "masked_lm"
+
+
+def test_a_failed_run_finishes_its_wandb_run(tmp_path: Path) -> None:
+    """A job of a sweep that fails must not leave its wandb run open for the next job to log into."""
+    import lightning as L
+    import wandb
+
+    class Boom(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            if trainer.global_step == 3:
+                raise RuntimeError("boom")
+
+    (tmp_path / "corpus.txt").write_text(make_text(500))
+    config = parse_config(compose_config(*TINY, f"data.path={tmp_path / 'corpus.txt'}", "logger=wandb",
+                                         "trainer.max_steps=10", "sample.table_tokens=0"))
+    with pytest.raises(RuntimeError, match="boom"):
+        train(config, tmp_path / "run", callbacks=[Boom()])
+    assert wandb.run is None
