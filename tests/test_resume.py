@@ -7,7 +7,6 @@ import copy
 import dataclasses
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -260,24 +259,38 @@ def test_resume_accepts_how_the_model_runs_and_a_finished_run_says_so(tmp_path: 
             "to train further, resume with trainer.max_steps above 20")
 
 
+def as_written_before_this_layout(state: dict) -> dict:
+    """A checkpoint reduced to what commit e4798b5 wrote (before the defaults moved into the dataclasses, the tasks into
+    minitx/tasks/ and tracking gained callbacks): only the two checkpoint callbacks' states, and the run config's sample
+    and logger sections without the keys added since."""
+    state["callbacks"] = {k: v for k, v in state["callbacks"].items() if k.startswith("Checkpoint{")}
+    config = state["minitx"]["config"]
+    config["sample"] = {k: config["sample"][k] for k in ("prompt", "max_new_tokens")}
+    config["logger"] = {k: config["logger"][k] for k in ("kind", "project", "offline")}
+    return state
+
+
 def test_a_checkpoint_from_before_the_config_schema_loads_samples_and_resumes(tmp_path: Path) -> None:
-    """tests/data/e4798b5-causal_lm-step4.ckpt was written by commit e4798b5, before the defaults moved into the
-    dataclasses and the tasks into minitx/tasks/: the last.ckpt of 4 steps of the overrides below on make_text(300)."""
-    old = Path(__file__).parent / "data" / "e4798b5-causal_lm-step4.ckpt"
+    """A checkpoint in the shape commit e4798b5 wrote (4 steps of the overrides below on make_text(300)) loads,
+    samples and resumes with today's code."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_text(300))
+    overrides = [f"data.path={corpus}", "logger=csv", "model.n_layer=1", "model.n_head=2", "model.n_embd=16",
+                 "model.block_size=16", "data.batch_size=4", "data.val_batches=2", "trainer.val_check_interval=4",
+                 "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "optim.warmup_steps=1",
+                 "sample.max_new_tokens=5"]
+    train(parse_config(compose_config(*overrides, "trainer.max_steps=4")), tmp_path / "written")
+    run = tmp_path / "old" / "checkpoints"
+    run.mkdir(parents=True)
+    old = run / "last.ckpt"
+    state = torch.load(tmp_path / "written" / "checkpoints" / "last.ckpt", weights_only=True)
+    torch.save(as_written_before_this_layout(state), old)
     loaded = minitx.load(old)
     assert (loaded.step, loaded.task, loaded.config.n_embd, loaded.config.block_size) == (4, "causal_lm", 16, 16)
     from minitx.generation import generate
 
     assert len(loaded.tokenizer.decode(list(generate(loaded.model, loaded.tokenizer.encode("the ").ids, 20)))) > 0
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(make_text(300))
-    run = tmp_path / "old" / "checkpoints"
-    run.mkdir(parents=True)
-    shutil.copy(old, run / "last.ckpt")
-    overrides = [f"data.path={corpus}", "logger=csv", "model.n_layer=1", "model.n_head=2", "model.n_embd=16",
-                 "model.block_size=16", "data.batch_size=4", "data.val_batches=2", "trainer.val_check_interval=4",
-                 "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "optim.warmup_steps=1",
-                 "sample.max_new_tokens=5", f"resume={tmp_path / 'old'}", "trainer.max_steps=8"]
-    best = train(parse_config(compose_config(*overrides)), tmp_path / "resumed")
+    best = train(parse_config(compose_config(*overrides, f"resume={tmp_path / 'old'}", "trainer.max_steps=8")),
+                 tmp_path / "resumed")
     assert math.isfinite(best) and best < 3.0  # it was 2.9984 at step 4
     assert read_checkpoint(run / "last.ckpt")["global_step"] == 8
