@@ -34,6 +34,8 @@ class TrainingMetrics(L.Callback):
         self.peak = peak
         self.flops_per_token = 0
         self.latest: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []  # every row logged by this process (for the run summary's means)
+        self.tokens_seen = 0  # on this rank, by this process (not carried across a resume)
         self._t0: float | None = None
         self._tokens = 0
         self._logged_step = -1
@@ -63,6 +65,7 @@ class TrainingMetrics(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._tokens += batch[0].numel()
+        self.tokens_seen += batch[0].numel()
         if self._t0 is None:  # the first batch pays for warm-up; start the clock after it
             self._t0, self._tokens = time.perf_counter(), 0
             return
@@ -80,6 +83,7 @@ class TrainingMetrics(L.Callback):
             metrics["mfu"] = per_sec * self.flops_per_token / (self.peak * trainer.world_size)
         metrics["time"] = self.elapsed()
         self.latest = metrics
+        self.history.append(metrics)
         write(trainer.loggers, metrics, step)
         self._t0, self._tokens = now, 0
 

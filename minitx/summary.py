@@ -16,32 +16,27 @@ METRIC = "val/loss"
 
 
 class RunSummary(L.Callback):
-    """Collects what the summary reports while the run trains: each evaluation's val/loss and its step, the tokens
-    trained on (all ranks), the wall time of fit, and the mean of the tokens_per_sec and mfu that `metrics` (the
-    run's TrainingMetrics callback) logged."""
+    """Collects what the summary reports while the run trains: each evaluation's val/loss and its step and the wall
+    time of fit; the tokens trained on (all ranks) and the means of tokens_per_sec and mfu come from `metrics` (the
+    run's TrainingMetrics callback), which counts and logs them already."""
 
     def __init__(self, metrics: Any):
         self.metrics = metrics
         self.evaluations: list[tuple[int, float]] = []  # (step, val/loss); step 0: the evaluation before training
-        self.tokens = 0
-        self.logged: list[dict[str, float]] = []
-        self._seen: Any = None
+        self.world_size = 1
         self._t0 = time.perf_counter()
         self.wall_time = 0.0
 
+    @property
+    def tokens(self) -> int:
+        return self.metrics.tokens_seen * self.world_size
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0 = time.perf_counter()
+        self.world_size = trainer.world_size
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.wall_time = time.perf_counter() - self._t0
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        self.tokens += batch[0].numel() * trainer.world_size
-        latest = self.metrics.latest
-        if latest and latest is not self._seen:  # TrainingMetrics writes a new dict each time it logs
-            self._seen = latest
-            self.logged.append(latest)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if METRIC in trainer.callback_metrics:
@@ -49,7 +44,7 @@ class RunSummary(L.Callback):
             self.evaluations.append((step, float(trainer.callback_metrics[METRIC])))
 
     def mean(self, key: str) -> float | None:
-        values = [m[key] for m in self.logged if key in m]
+        values = [m[key] for m in self.metrics.history if key in m]
         return sum(values) / len(values) if values else None
 
     def numbers(self, name: str, task: str, steps: int, checkpoint: str) -> dict[str, Any]:
