@@ -109,6 +109,7 @@ class TokenizerConfig:
     kind: str = "char"  # char (one token per character) | bpe (byte-level BPE); ignored when path is set
     vocab_size: int = 1024  # bpe: the vocabulary's target size (char takes every character it sees)
     path: str | None = None  # a tokenizer.json to load instead of training one
+    sample_chars: int = 50_000_000  # train on at most the first this-many characters of the training text
 
     def validate(self) -> TokenizerConfig:
         if self.path is not None:
@@ -119,6 +120,8 @@ class TokenizerConfig:
             return self
         if self.kind not in ("char", "bpe"):
             fail("tokenizer.kind", self.kind, "choose char or bpe, or set tokenizer.path=<tokenizer.json>")
+        if self.sample_chars <= 0:
+            fail("tokenizer.sample_chars", self.sample_chars, "must be > 0 (e.g. 50000000)")
         if self.kind == "bpe" and self.vocab_size < 260:
             fail("tokenizer.vocab_size", self.vocab_size, "byte-level BPE needs at least 260 (256 bytes + specials)")
         return self

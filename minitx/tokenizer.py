@@ -53,14 +53,26 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, specials: list[st
 
 
 def build_tokenizer(cfg: TokenizerConfig, texts: Iterable[str], encoder: bool = False) -> Tokenizer:
-    """Load `tokenizer.path`, or train the configured kind on `texts` (the training split). Encoder tasks get
-    [PAD] [MASK] [CLS] [SEP] as well."""
+    """Load `tokenizer.path`, or train the configured kind on the first `tokenizer.sample_chars` characters of
+    `texts` (the training split): a bounded sample, so that training a tokenizer does not grow with the corpus.
+    Encoder tasks get [PAD] [MASK] [CLS] [SEP] as well."""
     specials = SPECIAL_TOKENS + ENCODER_TOKENS * encoder
     if cfg.path is not None:
         return load_tokenizer_file(cfg.path, specials)
+    texts = first_chars(texts, cfg.sample_chars)
     if cfg.kind == "char":
         return train_char_tokenizer(texts, specials)
     return train_bpe_tokenizer(texts, cfg.vocab_size, specials)
+
+
+def first_chars(texts: Iterable[str], limit: int) -> Iterator[str]:
+    """The texts up to `limit` characters in all (the last one cut), then nothing more is read."""
+    left = limit
+    for text in texts:
+        yield text[:left]
+        left -= len(text)
+        if left <= 0:
+            return
 
 
 def load_tokenizer_file(path: str, specials: list[str] = SPECIAL_TOKENS) -> Tokenizer:
@@ -82,6 +94,7 @@ def tokenizer_spec(cfg: TokenizerConfig, encoder: bool = False) -> str:
         spec = "file:" + hashlib.sha256(Path(cfg.path).read_bytes()).hexdigest()
     else:
         spec = f"{cfg.kind}:{cfg.vocab_size}" if cfg.kind == "bpe" else "char"
+        spec += f":{cfg.sample_chars}"
     return spec + ":encoder" * encoder
 
 

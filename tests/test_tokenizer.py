@@ -96,3 +96,21 @@ def test_special_ids_of_a_tokenizer_json_are_where_it_put_them(tmp_path: Path) -
     own = train_bpe_tokenizer(["hello world " * 100], vocab_size=270, specials=[]).get_vocab_size()
     assert special_ids(tok) == list(range(own, own + 6))
     assert special_ids(train_char_tokenizer(["ab"])) == [0, 1]
+
+
+def test_tokenizer_trains_on_a_bounded_sample() -> None:
+    """tokenizer.sample_chars: characters past the sample are never read, so a char tokenizer does not know them."""
+    from minitx.config import TokenizerConfig
+    from minitx.tokenizer import build_tokenizer
+
+    read = []
+
+    def texts():
+        for t in ("abc", "def", "xyz"):
+            read.append(t)
+            yield t
+
+    tok = build_tokenizer(TokenizerConfig(kind="char", sample_chars=4), texts())
+    vocab = tok.get_vocab()
+    assert {"a", "b", "c", "d"} <= vocab.keys() and "e" not in vocab and "x" not in vocab
+    assert read == ["abc", "def"]  # the third text is never drawn from the corpus
