@@ -186,6 +186,7 @@ class OptimConfig:
 
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
+FSDP_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-true")  # what Lightning's ModelParallelStrategy takes
 
 
 def compute_dtype(precision: str) -> torch.dtype:
@@ -225,6 +226,9 @@ class TrainerConfig:
         if str(self.precision) not in PRECISIONS:
             fail("trainer.precision", self.precision, f"choose one of {list(PRECISIONS)}")
         self._check_device()
+        if self.strategy == "fsdp" and str(self.precision) not in FSDP_PRECISIONS:
+            fail("trainer.precision", self.precision, f"trainer.strategy=fsdp (FSDP2) takes {list(FSDP_PRECISIONS)}; "
+                 "use bf16-mixed")
         if self.gradient_clip_val < 0:
             fail("trainer.gradient_clip_val", self.gradient_clip_val, "must be >= 0 (0 disables clipping)")
         if self.val_check_interval % self.accumulate_grad_batches:  # a checkpoint there would lose the gradients

@@ -189,6 +189,14 @@ def sized_model(config: TrainConfig, prepared: Prepared, kernel: str) -> ModelCo
     return dataclasses.replace(config.model, vocab_size=config.model.vocab_size or vocab, attention=kernel)
 
 
+def make_strategy(config: TrainConfig) -> Any:
+    """trainer.strategy as Lightning takes it, except `fsdp`: FSDP2 through Lightning's ModelParallelStrategy
+    (minitx.fsdp), which runs on CPU processes too, where Lightning's own `fsdp` refuses a CPU."""
+    from minitx.fsdp import STRATEGY, FullyShardedStrategy
+
+    return FullyShardedStrategy() if config.trainer.strategy == STRATEGY else config.trainer.strategy
+
+
 def make_trainer(config: TrainConfig, task: type[Task], out_dir: Path, ckpt_dir: Path, resume: Resume | None,
                  run_config: dict[str, Any], callbacks: list[Any], tokenizer: Any) -> tuple[Any, Any, RunSummary]:
     """The Lightning Trainer with minitx's callbacks (checkpoints, metrics, progress, the run summary; with wandb,
@@ -222,10 +230,14 @@ def make_trainer(config: TrainConfig, task: type[Task], out_dir: Path, ckpt_dir:
     summary = RunSummary(metrics)
     run_id = resume.meta.get("logger_run_id") if resume else None
     logger = make_logger(config.logger, config.name, out_dir, run_config, run_id, task.task or config.task)
-    samples = [SampleTable(config, tokenizer)] if config.logger.kind == "wandb" else []
+    sharded = config.trainer.strategy == "fsdp"  # rank 0 alone cannot run a sharded model: no samples table
+    if sharded and config.logger.kind == "wandb" and config.sample.table_tokens > 0:
+        log.warning("no wandb samples table under trainer.strategy=fsdp (the end-of-training sample is still shown)")
+    samples = [SampleTable(config, tokenizer)] if config.logger.kind == "wandb" and not sharded else []
     trainer = L.Trainer(
         **{k: v for k, v in dataclasses.asdict(config.trainer).items()
-           if k not in ("gradient_clip_val", "accumulate_grad_batches")},  # the Task's own step applies these
+           if k not in ("gradient_clip_val", "accumulate_grad_batches", "strategy")},  # the Task's step applies two
+        strategy=make_strategy(config),
         logger=logger,
         callbacks=[best, periodic, metrics, summary, FinalValidation(), *progress_bar, *samples, *callbacks],
         plugins=[AtomicCheckpointIO()],
@@ -261,6 +273,7 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     (tests use it to inject faults)."""
     import lightning as L
 
+    from minitx.fsdp import is_sharded, unshard_for_rank_zero
     from minitx.summary import print_summary, write_summary
     from minitx.tasks import task_class
     from minitx.tokenizer import id_limit
@@ -296,6 +309,8 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
         abort_wandb(trainer.logger)
         raise
 
+    if is_sharded(trainer.strategy):
+        unshard_for_rank_zero(module, trainer.is_global_zero)
     metric = task.monitor[0]
     final = float(trainer.callback_metrics[metric])
     best_value = float(best.best_model_score) if best.best_model_score is not None else final

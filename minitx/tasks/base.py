@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning as L
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from minitx.callbacks import TrainingMetrics, write
 from minitx.checkpoint import CHECKPOINT_KEY
@@ -157,7 +158,14 @@ class Task(L.LightningModule):
         return {}
 
     def configure_model(self) -> None:
-        if self.model_cfg.compile:  # compile the inner model in place: the LightningModule's self.log does not compile
+        """Lightning calls this once the processes exist: under trainer.strategy=fsdp the model is sharded across
+        them (minitx.fsdp), and compiled block by block; otherwise compiled whole, in place (the LightningModule's
+        self.log does not compile)."""
+        from minitx.fsdp import is_sharded, shard
+
+        if is_sharded(self.trainer.strategy):
+            shard(self.model, self.device_mesh["data_parallel"], str(self.trainer.precision), self.model_cfg.compile)
+        elif self.model_cfg.compile:
             self.model.compile()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -168,9 +176,7 @@ class Task(L.LightningModule):
         loss = self.train_loss(batch)
         stepping = self.batches_seen % self.accumulate == 0
         if math.isfinite(loss.item()):  # (a 0-dim read: ~20x cheaper than torch.isfinite's new tensor)
-            ddp = isinstance(self.trainer.model, torch.nn.parallel.DistributedDataParallel)
-            with contextlib.nullcontext() if stepping or not ddp else self.trainer.model.no_sync():
-                # DDP: gradients sync on a window's last batch only
+            with self._gradient_sync(stepping):  # across processes, on a window's last batch only
                 self.manual_backward(loss / self.accumulate if self.accumulate > 1 else loss)
         else:
             self._nonfinite("loss", loss)  # raises, or skips: this batch adds no gradient
@@ -181,6 +187,16 @@ class Task(L.LightningModule):
             optimizer.step()  # type: ignore[union-attr]
             optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
         return loss  # the TrainingMetrics callback logs it (and lr) every trainer.log_every_n_steps steps
+
+    def _gradient_sync(self, stepping: bool) -> contextlib.AbstractContextManager:
+        """DDP: its no_sync() inside an accumulation window; FSDP2: its reduce-scatter switched off there."""
+        if self.accumulate == 1:
+            return contextlib.nullcontext()
+        if isinstance(self.trainer.model, torch.nn.parallel.DistributedDataParallel) and not stepping:
+            return self.trainer.model.no_sync()
+        if isinstance(self.model, FSDPModule):
+            self.model.set_requires_gradient_sync(stepping)
+        return contextlib.nullcontext()
 
     def on_validation_model_zero_grad(self) -> None:
         """Lightning empties the gradients before an evaluation; inside an accumulation window they are still
