@@ -186,7 +186,7 @@ class OptimConfig:
 
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
-FSDP_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-true")  # what Lightning's ModelParallelStrategy takes
+FSDP_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-true")  # Lightning's ModelParallelStrategy's
 
 
 def compute_dtype(precision: str) -> torch.dtype:

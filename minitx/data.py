@@ -526,7 +526,17 @@ def val_share(n_batches: int, trainer: L.Trainer | None, setting: str, fix: str)
     rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
     if n_batches < world:
         raise DataError(f"{setting}: {n_batches} validation batch(es) for {world} processes, each needs one; {fix}")
+    if n_batches % world and trainer is not None and sharded(trainer):
+        raise DataError(f"{setting}: {n_batches} validation batches do not split evenly over {world} processes, and "
+                        "under trainer.strategy=fsdp every process must evaluate as many (each forward gathers the "
+                        f"weights from all of them); change it so that the batches are a multiple of {world}")
     return list(range(rank, n_batches, world))
+
+
+def sharded(trainer: L.Trainer) -> bool:
+    from minitx.fsdp import is_sharded
+
+    return is_sharded(trainer.strategy)
 
 
 def global_batch_index(batch_idx: int, trainer: L.Trainer) -> int:

@@ -40,19 +40,25 @@ def is_sharded(strategy: Any) -> bool:
     return isinstance(strategy, FullyShardedStrategy)
 
 
-def shard(model: torch.nn.Module, mesh: DeviceMesh, precision: str, compile: bool) -> None:
-    """fully_shard each block, then the root (what remains: embeddings, final norm, the tied head). Under bf16-mixed
-    the blocks compute and all-gather in bfloat16 and reduce gradients in float32 (Lightning's autocast alone would
-    gather float32 weights); `compile` compiles each block before it is sharded."""
+def shard(model: torch.nn.Module, mesh: DeviceMesh, precision: str, compile: bool) -> str:
+    """fully_shard each block, then the root (what remains: embeddings, final norm, the tied head); a model without
+    transformer.blocks is one group. Under bf16-mixed the blocks compute and all-gather in bfloat16 and reduce
+    gradients in float32 (Lightning's autocast alone would gather float32 weights); `compile` compiles each block
+    before it is sharded. Returns what was done, for the log."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    blocks = getattr(getattr(model, "transformer", None), "blocks", [])
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if precision == "bf16-mixed" else MixedPrecisionPolicy())
-    for block in model.transformer.blocks:
+    for block in blocks:
         if compile:
             block.compile()
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    held = sum(p.to_local().numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return (f"fsdp: {len(blocks)} blocks and the root sharded over {mesh.size()} processes, this one holding {held:,} "
+            f"of {total:,} parameters")
 
 
 def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -164,7 +164,10 @@ class Task(L.LightningModule):
         from minitx.fsdp import is_sharded, shard
 
         if is_sharded(self.trainer.strategy):
-            shard(self.model, self.device_mesh["data_parallel"], str(self.trainer.precision), self.model_cfg.compile)
+            done = shard(self.model, self.device_mesh["data_parallel"], str(self.trainer.precision),
+                         self.model_cfg.compile)
+            if self.trainer.is_global_zero:
+                log.info(done)
         elif self.model_cfg.compile:
             self.model.compile()
 
