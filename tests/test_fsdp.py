@@ -1,0 +1,70 @@
+"""trainer.strategy=fsdp (FSDP2 through Lightning's ModelParallelStrategy) on 2 CPU processes (gloo): the same
+optimisation as DDP, and checkpoints that minitx-sample and resume= read."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import pytest
+import torch
+
+from minitx.sample import parse_args, sample
+from tests.conftest import make_text
+from tests.test_train import run_cli
+
+RUN = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "data.batch_size=8",
+       "data.val_batches=2", "trainer.val_check_interval=4", "trainer.accumulate_grad_batches=2",
+       "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "optim.lr=1e-2", "optim.warmup_steps=2",
+       "optim.decay_steps=12", "sample.max_new_tokens=8", "logger=csv", "trainer.devices=2",
+       "trainer.accelerator=cpu", "data.path=corpus.txt", "model.attention_check=false"]
+TOLERANCE = 1e-5  # absolute, on every logged loss and gradient norm (measured: equal to float32 rounding)
+
+
+def logged(run_dir: Path) -> dict[tuple[int, str], float]:
+    """Every number of the CSV log, by (step, name)."""
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return {(int(row["step"]), key): float(value) for row in csv.DictReader(f)
+                for key, value in row.items() if value and key in ("train/loss", "val/loss", "grad_norm")}
+
+
+def greedy(ckpt: Path) -> str:
+    """What `minitx-sample ckpt=... temperature=0` prints (greedy decoding)."""
+    out = io.StringIO()
+    sample(parse_args([f"ckpt={ckpt}", "prompt=the ", "temperature=0", "max_new_tokens=40", "device=cpu"]), out)
+    return out.getvalue()
+
+
+@pytest.mark.slow
+def test_fsdp_matches_ddp_and_its_checkpoint_samples_and_resumes(tmp_path: Path) -> None:
+    """10 optimizer steps of 2 accumulated batches on 2 processes: FSDP logs DDP's losses and gradient norms at
+    every step and evaluation; its best.ckpt (one consolidated file) samples DDP's greedy text; resume= from its
+    last.ckpt trains 2 steps more under FSDP."""
+    (tmp_path / "corpus.txt").write_text(make_text(600))
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        runs[strategy] = tmp_path / strategy
+        result = run_cli("minitx-train", *RUN, "trainer.max_steps=10", f"trainer.strategy={strategy}",
+                         f"hydra.run.dir={runs[strategy]}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "sharded over 2 processes" in result.stdout + result.stderr  # (the FSDP run)
+    ddp, fsdp = logged(runs["ddp"]), logged(runs["fsdp"])
+    assert fsdp.keys() == ddp.keys() and (10, "val/loss") in fsdp and (10, "train/loss") in fsdp
+    for key, value in ddp.items():
+        assert fsdp[key] == pytest.approx(value, abs=TOLERANCE), key
+    assert fsdp[10, "val/loss"] < fsdp[0, "val/loss"] - 0.3  # it learned something: the text below means something
+
+    best = runs["fsdp"] / "checkpoints" / "best.ckpt"
+    assert best.is_file()  # one file, not a folder of shards
+    text = greedy(best)
+    assert text == greedy(runs["ddp"] / "checkpoints" / "best.ckpt")
+    assert len(text) > len("the ") + 20 and text.strip() != "the"
+
+    resumed = tmp_path / "resumed"
+    result = run_cli("minitx-train", *RUN, "trainer.max_steps=12", "trainer.strategy=fsdp",
+                     f"resume={runs['fsdp']}", f"hydra.run.dir={resumed}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = logged(resumed)
+    assert (12, "train/loss") in after and (12, "val/loss") in after and min(step for step, _ in after) > 10
+    assert torch.load(runs["fsdp"] / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
