@@ -8,6 +8,7 @@ the activations a step keeps for backward. It errs low, so a model that fits is 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,10 +83,12 @@ def _count(n: int) -> str:
 
 
 def check_fits(config: ModelConfig, vocab_size: int, batch_size: int, precision: str, device: str,
-               processes: int = 1, free: float | None = None, logit_share: float = 1.0) -> None:
+               processes: int = 1, free: float | None = None, logit_share: float = 1.0, shards: int = 1) -> None:
     """Refuse, in one line with the numbers, a model whose training state alone cannot fit in free memory.
-    `processes`: training processes sharing this memory (CPU DDP)."""
+    `processes`: training processes sharing this memory (CPU DDP); `shards`: the processes that share out the
+    weights, gradients and AdamW state (FSDP), each holding 1/shards of them."""
     need = training_memory(config, vocab_size, batch_size, precision, config.attention, logit_share)
+    need = dataclasses.replace(need, states=need.states / shards)
     free = free_memory(device) if free is None else free
     if need.total * processes <= free:
         return

@@ -132,6 +132,7 @@ class Placement:
     on_gpu: bool
     device: str  # this rank's device: cuda:<LOCAL_RANK> under DDP
     processes: int
+    shards: int = 1  # trainer.strategy=fsdp: the processes the training state is sharded over
 
     @classmethod
     def of(cls, config: TrainConfig) -> Placement:
@@ -145,14 +146,16 @@ class Placement:
             torch.set_float32_matmul_precision("high")
         devices = config.trainer.devices
         processes = 1 if on_gpu else devices if isinstance(devices, int) and devices > 1 else 1  # CPU DDP shares RAM
-        return cls(on_gpu, f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if on_gpu else "cpu", processes)
+        world = devices * config.trainer.num_nodes if isinstance(devices, int) and devices > 0 else 1
+        return cls(on_gpu, f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if on_gpu else "cpu", processes,
+                   world if config.trainer.strategy == "fsdp" else 1)
 
     def check_fits(self, config: TrainConfig, task: type[Task], model_cfg: ModelConfig) -> None:
         """Refuse a model whose training state cannot fit (minitx.memory), before anything is allocated."""
         from minitx.memory import check_fits
 
         check_fits(model_cfg, model_cfg.vocab_size, config.data.batch_size, config.trainer.precision, self.device,
-                   self.processes, logit_share=task.logit_share(config))
+                   self.processes, logit_share=task.logit_share(config), shards=self.shards)
 
 
 def choose_kernel(config: TrainConfig, task: type[Task], place: Placement) -> tuple[str, str]:

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from minitx.config import ConfigError, ModelConfig
+from minitx.memory import GB, check_fits
 from minitx.sample import parse_args, sample
 from tests.conftest import make_text
 from tests.test_train import run_cli
@@ -68,3 +70,12 @@ def test_fsdp_matches_ddp_and_its_checkpoint_samples_and_resumes(tmp_path: Path)
     after = logged(resumed)
     assert (12, "train/loss") in after and (12, "val/loss") in after and min(step for step, _ in after) > 10
     assert torch.load(runs["fsdp"] / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+
+
+def test_sharded_training_state_is_counted_once() -> None:
+    """GPT-2 small's 2 GB of weights, gradients and AdamW state and 1 GB of activations (batch 1) do not fit in
+    2 GB on one GPU; sharded over 4 processes (FSDP), each holds a quarter of the state and fits."""
+    gpt2 = ModelConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768).validate()
+    with pytest.raises(ConfigError, match="make the model smaller"):
+        check_fits(gpt2, 50257, 1, "32-true", "cuda", free=2 * GB)
+    check_fits(gpt2, 50257, 1, "32-true", "cuda", free=2 * GB, shards=4)
