@@ -6,6 +6,7 @@
 #      tokens/s and MFU against the GPU's bf16 peak
 #   4. sampling speed on the GPU: KV cache on/off and the compiled decoding step
 #   5. the attention self-check (flex, sdpa, flash-attn vs naive at a GPT-2 shape in bf16): its start-up cost
+#   6. trainer.strategy=fsdp (FSDP2) against ddp on every GPU here, bf16-mixed, 20 steps: the losses side by side
 # The device image has torch, lightning, tokenizers and pytest but no network; hydra-core, omegaconf, datasets and
 # wandb come from wheels downloaded beforehand on a machine with a registry:
 #   pip download -d .gpu-wheels hydra-core datasets wandb      (then run with carry=[".gpu-wheels"])
@@ -42,3 +43,22 @@ timeout 240 python3 scripts/bench_sample.py --device cuda --repeats 2 2>&1 | tai
 
 echo "== 5. the attention self-check on the GPU: what it costs at start-up, and which kernel each run keeps"
 timeout 240 python3 scripts/bench_kernel_check.py 2>&1 | tail -12
+
+echo "== 6. FSDP (trainer.strategy=fsdp: FSDP2, NCCL) vs DDP on every GPU here, bf16-mixed, 20 steps: train/loss"
+gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+for strategy in fsdp ddp; do
+  timeout 240 minitx-train trainer.strategy=$strategy trainer.devices=$gpus trainer.precision=bf16-mixed \
+    model.n_layer=6 model.n_head=6 model.n_embd=384 model.block_size=256 data.batch_size=16 data.val_batches=$gpus \
+    trainer.max_steps=20 trainer.val_check_interval=20 trainer.log_every_n_steps=5 optim.warmup_steps=5 \
+    logger=csv sample.max_new_tokens=0 trainer.enable_progress_bar=false "hydra.run.dir=$out/$strategy" 2>&1 \
+    | grep -E "fsdp:|error|val/loss" | tail -3
+done
+python3 - "$out" <<'PY'
+import csv, sys
+def losses(s):
+    return {r["step"]: float(r["train/loss"]) for r in csv.DictReader(open(f"{sys.argv[1]}/{s}/csv/metrics.csv"))
+            if r.get("train/loss")}
+fsdp, ddp = losses("fsdp"), losses("ddp")
+for step in fsdp:
+    print(f"step {step}: fsdp {fsdp[step]:.4f}  ddp {ddp.get(step, float('nan')):.4f}")
+PY
