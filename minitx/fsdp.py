@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from minitx.tasks import Task
 
 STRATEGY = "fsdp"  # the trainer.strategy value that selects it
+HEADS = ("mlm_logits", "class_logits")  # an Encoder's methods that tasks call outside its forward
 
 
 class FullyShardedStrategy(ModelParallelStrategy):
@@ -45,7 +46,7 @@ def shard(model: torch.nn.Module, mesh: DeviceMesh, precision: str, compile: boo
     transformer.blocks is one group. Under bf16-mixed the blocks compute and all-gather in bfloat16 and reduce
     gradients in float32 (Lightning's autocast alone would gather float32 weights); `compile` compiles each block
     before it is sharded. Returns what was done, for the log."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     blocks = getattr(getattr(model, "transformer", None), "blocks", [])
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -55,6 +56,9 @@ def shard(model: torch.nn.Module, mesh: DeviceMesh, precision: str, compile: boo
             block.compile()
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    for method in HEADS:  # heads a task calls after forward: they run with the root's weights gathered
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
     held = sum(p.to_local().numel() for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())
     return (f"fsdp: {len(blocks)} blocks and the root sharded over {mesh.size()} processes, this one holding {held:,} "

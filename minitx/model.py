@@ -179,9 +179,10 @@ class Encoder(nn.Module):
         self.cls_head = nn.Linear(config.n_embd, n_classes) if n_classes else None
         init_weights(self, config.n_layer)
 
-    def forward(self, idx: Tensor, key_padding: Tensor | None = None) -> Tensor:
-        """Hidden states (B, T, C); key_padding (B, T) is True for real tokens."""
-        return self.transformer(idx, key_padding=key_padding)
+    def forward(self, idx: Tensor, key_padding: Tensor | None = None, doc_ids: Tensor | None = None) -> Tensor:
+        """Hidden states (B, T, C); key_padding (B, T) is True for real tokens; doc_ids (B, T): attend within
+        documents only."""
+        return self.transformer(idx, key_padding=key_padding, doc_ids=doc_ids)
 
     def num_params(self, non_embedding: bool = True) -> int:
         return count_params(self, non_embedding)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_text
+from test_train import run_cli
 
 from minitx.config import ConfigError, ModelConfig
 from minitx.memory import GB, check_fits
 from minitx.sample import parse_args, sample
-from tests.conftest import make_text
-from tests.test_train import run_cli
 
 RUN = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "data.batch_size=8",
        "data.val_batches=2", "trainer.val_check_interval=4", "trainer.accumulate_grad_batches=2",

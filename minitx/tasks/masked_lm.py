@@ -86,7 +86,7 @@ class MaskedLM(Task):
     def masked_loss(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         inputs, labels = mask_tokens(x, generator, self.mask_id, self.special_ids, self.model_cfg.vocab_size,
                                      self.mlm_probability)
-        hidden = self.model.transformer(inputs, doc_ids=self.doc_ids(x))
+        hidden = self.model(inputs, doc_ids=self.doc_ids(x))  # (through forward: FSDP gathers the root's weights)
         chosen = labels != -100
         logits = self.model.mlm_logits(hidden[chosen])  # only masked positions go through the head and the loss
         targets = labels[chosen]  # (no position chosen only when none can be: then 0, not NaN)
