@@ -214,7 +214,8 @@ class TrainerConfig:
     val_check_interval: int = 250  # training batches between evaluations
     log_every_n_steps: int = 25
     gradient_clip_val: float = 1.0
-    accumulate_grad_batches: int = 1
+    accumulate_grad_batches: int = 1  # batches per optimizer step on each process (derived when tokens_per_step>0)
+    tokens_per_step: int = 0  # global batch: tokens per optimizer step, all processes (0: from accumulate_grad_batches)
     enable_progress_bar: bool = True
 
     def validate(self) -> TrainerConfig:
@@ -234,12 +235,31 @@ class TrainerConfig:
                               f"set trainer.val_check_interval={-(-every // n) * n}")
         return self
 
+    @property
+    def on_gpu(self) -> bool:
+        import torch
+
+        return self.accelerator in ("gpu", "cuda") or (self.accelerator == "auto" and torch.cuda.device_count() > 0)
+
+    def world_size(self) -> int:
+        """The number of training processes: devices per node (parsed by Lightning's own accelerator classes, as the
+        Trainer parses them) times num_nodes."""
+        from lightning.fabric.accelerators import CPUAccelerator, CUDAAccelerator
+
+        accelerator = CUDAAccelerator if self.on_gpu else CPUAccelerator
+        try:
+            devices = accelerator.auto_device_count() if self.devices == "auto" else self.devices
+            parsed = accelerator.parse_devices(devices)
+        except Exception as e:  # Lightning's own message says what it accepts
+            fail("trainer.devices", self.devices, str(e))
+        return (len(parsed) if isinstance(parsed, list) else int(parsed)) * self.num_nodes
+
     def _check_device(self) -> None:
         """Refuse what the machine cannot run, before Lightning fails (or silently does something else)."""
         import torch
 
         gpus = torch.cuda.device_count()
-        on_gpu = self.accelerator in ("gpu", "cuda") or (self.accelerator == "auto" and gpus > 0)
+        on_gpu = self.on_gpu
         if self.accelerator in ("gpu", "cuda") and gpus == 0:
             fail("trainer.accelerator", self.accelerator, "no CUDA GPU here; use trainer.accelerator=cpu (or auto)")
         if on_gpu and isinstance(self.devices, int) and self.devices > gpus:
@@ -348,6 +368,7 @@ class TrainConfig:
         self.model.validate()
         self.tokenizer.validate()
         self.data.validate()
+        self.trainer = global_batch(self.trainer, self.data.batch_size * self.model.block_size)
         self.trainer.validate()
         self.optim = self.optim.validate(self.trainer.max_steps)
         self.logger.validate()
@@ -366,6 +387,27 @@ class TrainConfig:
             fail("guard.on_nonfinite", "skip", "not with trainer.precision=16-mixed, whose grad scaler already skips "
                  "steps that overflow; use guard.on_nonfinite=stop")
         return self
+
+
+def global_batch(trainer: TrainerConfig, tokens_per_batch: int) -> TrainerConfig:
+    """`trainer` with accumulate_grad_batches derived from tokens_per_step (as nanochat does): a run states its global
+    batch in tokens per optimizer step, and the same experiment then takes the same optimizer steps on 1 process or
+    N (batch_size x block_size tokens per batch on each process). tokens_per_step=0: the accumulation as set."""
+    if trainer.tokens_per_step < 0:
+        fail("trainer.tokens_per_step", trainer.tokens_per_step, "must be >= 0 (0: from accumulate_grad_batches)")
+    if trainer.tokens_per_step == 0:
+        return trainer
+    per_round = tokens_per_batch * trainer.world_size()  # one batch on every process
+    accumulate, rest = divmod(trainer.tokens_per_step, per_round)
+    if rest or not accumulate:
+        near = sorted({max(1, accumulate) * per_round, (accumulate + 1) * per_round})
+        fail("trainer.tokens_per_step", trainer.tokens_per_step,
+             f"must be a multiple of data.batch_size x model.block_size x processes = {per_round:,}; nearest: "
+             + " or ".join(str(n) for n in near))
+    if trainer.accumulate_grad_batches not in (1, accumulate):
+        fail("trainer.accumulate_grad_batches", trainer.accumulate_grad_batches,
+             f"trainer.tokens_per_step={trainer.tokens_per_step} sets it ({accumulate} here); leave it at 1")
+    return dataclasses.replace(trainer, accumulate_grad_batches=accumulate)
 
 
 T = TypeVar("T")

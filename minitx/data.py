@@ -3,8 +3,8 @@
 A corpus (Hub dataset, local files, or the built-in one) is tokenized with a batched `map`, its documents
 joined by the end-of-text token into one stream, and the stream cached as a numpy memmap keyed by the
 corpus fingerprint and the tokenizer, so a second run reads it back without tokenizing. Training batches
-are random windows drawn with a generator seeded by (seed, rank, step): resuming at a step or adding a
-rank needs no state beyond those three numbers.
+are random windows drawn with a generator seeded by (seed, global batch index): resuming at a step or adding a
+rank needs no state beyond those numbers, and N processes draw what one process accumulating N batches draws.
 """
 
 from __future__ import annotations
@@ -479,16 +479,27 @@ def tokenize_documents(ds: datasets.Dataset, column: str, tokenizer: Tokenizer, 
     return out
 
 
+def batch_rng(seed: int, step: int, rank: int, world_size: int) -> np.random.Generator:
+    """The generator of this process's `step`-th training batch: that of its global index step x world_size + rank,
+    so the processes draw different batches, and N processes at accumulation A draw, per optimizer step, the batches
+    one process draws at accumulation N x A. (One process: rng(seed, 0, step), as before ranks were interleaved.)"""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not one of {world_size} processes")
+    return np.random.default_rng([seed, 0, step * world_size + rank])
+
+
 class RandomWindows(IterableDataset):
-    """Endless training batches: (x, y) of random windows, batch `step` drawn from rng(seed, rank, step)."""
+    """Endless training batches: (x, y) of random windows, batch `step` drawn from batch_rng(seed, step, rank,
+    world_size)."""
 
     def __init__(self, stream: TokenStream, block_size: int, batch_size: int, seed: int, rank: int = 0,
-                 start_step: int = 0, pin_memory: bool = False):
+                 start_step: int = 0, pin_memory: bool = False, world_size: int = 1):
         self.stream, self.block_size, self.batch_size = stream, block_size, batch_size
         self.seed, self.rank, self.start_step, self.pin_memory = seed, rank, start_step, pin_memory
+        self.world_size = world_size
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.rank, step])
+        rng = batch_rng(self.seed, step, self.rank, self.world_size)
         starts = rng.integers(0, len(self.stream) - self.block_size, size=self.batch_size)
         w = self.stream.windows(starts, self.block_size + 1)
         x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
@@ -532,6 +543,10 @@ def val_share(n_batches: int, trainer: L.Trainer | None, setting: str, fix: str)
 def global_batch_index(batch_idx: int, trainer: L.Trainer) -> int:
     """The index in the whole validation set of this process's `batch_idx`-th batch (see val_share)."""
     return trainer.global_rank + batch_idx * trainer.world_size
+
+
+def world_size(trainer: L.Trainer | None) -> int:
+    return trainer.world_size if trainer is not None else 1
 
 
 def stream_position(trainer: L.Trainer | None) -> tuple[int, int]:
@@ -622,17 +637,18 @@ def pad_batch(rows: list[np.ndarray], labels: np.ndarray, pad_id: int) -> tuple[
 
 
 class RandomRows(IterableDataset):
-    """Endless training batches of random rows, batch `step` drawn from rng(seed, rank, step), as RandomWindows."""
+    """Endless training batches of random rows, batch `step` drawn from batch_rng(seed, step, rank, world), as
+    RandomWindows."""
 
     def __init__(self, data: LabelledData, batch_size: int, pad_id: int, seed: int, rank: int = 0,
-                 start_step: int = 0):
+                 start_step: int = 0, world_size: int = 1):
         self.data, self.batch_size, self.pad_id = data, batch_size, pad_id
-        self.seed, self.rank, self.start_step = seed, rank, start_step
+        self.seed, self.rank, self.start_step, self.world_size = seed, rank, start_step, world_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         step = self.start_step
         while True:
-            rows = np.random.default_rng([self.seed, self.rank, step]).integers(0, len(self.data.train),
-                                                                                 self.batch_size)
+            rng = batch_rng(self.seed, step, self.rank, self.world_size)
+            rows = rng.integers(0, len(self.data.train), self.batch_size)
             yield pad_batch([self.data.train[i] for i in rows], self.data.train_labels[rows], self.pad_id)
             step += 1

@@ -178,6 +178,12 @@ def choose_kernel(config: TrainConfig, task: type[Task], place: Placement) -> tu
     return kernel, why
 
 
+def tokens_per_step(config: TrainConfig) -> int:
+    """The effective global batch in tokens: batch_size x block_size x accumulate_grad_batches x processes."""
+    t = config.trainer
+    return config.data.batch_size * config.model.block_size * t.accumulate_grad_batches * t.world_size()
+
+
 def sized_model(config: TrainConfig, prepared: Prepared, kernel: str) -> ModelConfig:
     """The model's settings as trained: the vocabulary from the tokenizer (unless set), the chosen kernel."""
     from minitx.tokenizer import id_limit
@@ -225,7 +231,7 @@ def make_trainer(config: TrainConfig, task: type[Task], out_dir: Path, ckpt_dir:
     samples = [SampleTable(config, tokenizer)] if config.logger.kind == "wandb" else []
     trainer = L.Trainer(
         **{k: v for k, v in dataclasses.asdict(config.trainer).items()
-           if k not in ("gradient_clip_val", "accumulate_grad_batches")},  # the Task's own step applies these
+           if k not in ("gradient_clip_val", "accumulate_grad_batches", "tokens_per_step")},  # minitx's own settings
         logger=logger,
         callbacks=[best, periodic, metrics, summary, FinalValidation(), *progress_bar, *samples, *callbacks],
         plugins=[AtomicCheckpointIO()],
@@ -281,11 +287,19 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     if resume:
         check_same_run(resume.meta, model_cfg, prepared.tokenizer.to_str(), str(config.resume))
     run_config = dataclasses.asdict(config) | {"model": dataclasses.asdict(model_cfg)}
+    run_config["trainer"]["tokens_per_step"] = tokens_per_step(config)  # the global batch as run, also when derived
     module, datamodule = task.build(config, model_cfg, prepared, run_config)
     trainer, best, summary = make_trainer(config, task, out_dir, ckpt_dir, resume, run_config, callbacks or [],
                                           prepared.tokenizer)
+    if trainer.world_size != config.trainer.world_size():  # the global batch was worked out for the latter
+        raise ConfigError(f"trainer.devices={config.trainer.devices}: Lightning starts {trainer.world_size} processes "
+                          f"where minitx counted {config.trainer.world_size()}; give trainer.devices as a number")
     if trainer.is_global_zero:
         log.info("data: %s, vocabulary %d", prepared.description, id_limit(prepared.tokenizer))
+        t = config.trainer
+        log.info("global batch: %d x %d tokens x %d accumulated x %d processes = %s tokens per optimizer step",
+                 config.data.batch_size, config.model.block_size, t.accumulate_grad_batches, trainer.world_size,
+                 f"{tokens_per_step(config):,}")
         log.info("model: %.2fM parameters, attention=%s (%s); outputs in %s", module.model.num_params() / 1e6,
                  kernel, why, out_dir)
         if resume:
@@ -303,6 +317,7 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
         start = f"{module.initial_metrics[metric]:.4f} at step 0 -> " if metric in module.initial_metrics else ""
         log.info("%s %s%.4f at step %d (best %.4f)", metric, start, final, trainer.global_step, best_value)
         numbers = summary.numbers(config.name, task.task or config.task, trainer.global_step, best.best_model_path)
+        numbers["tokens_per_step"] = tokens_per_step(config)
         if metric == "val/loss":  # best.ckpt's score: after a resume, the evaluations before it count too
             numbers["best_val_loss"] = best_value
         write_summary(numbers, out_dir)
@@ -321,6 +336,8 @@ def check_output_dir(argv: list[str]) -> None:
     line (Hydra would fail later, with a traceback)."""
     for arg in argv:
         key, _, value = arg.partition("=")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":  # Hydra's quoting (Lightning's DDP
+            value = value[1:-1]  # children get hydra.run.dir="<dir>")
         if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
             try:
                 Path(value).mkdir(parents=True, exist_ok=True)

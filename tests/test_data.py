@@ -82,7 +82,7 @@ def test_windows_depend_only_on_seed_rank_step(tmp_path: Path, text_file: Path) 
     assert np.array_equal(x5, xb)
     assert np.array_equal(x5[:, 1:], y5[:, :-1])  # targets are inputs shifted by one
     assert x5.shape == (4, 16)
-    other_rank = RandomWindows(data.train, 16, 4, seed=1, rank=1)
+    other_rank = RandomWindows(data.train, 16, 4, seed=1, rank=1, world_size=2)
     assert not np.array_equal(other_rank.batch(5)[0], x5)
     assert not np.array_equal(a.batch(6)[0], x5)
     v1, v2 = FixedWindows(data.val, 16, 4, 3), FixedWindows(data.val, 16, 4, 3)

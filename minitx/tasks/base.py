@@ -125,6 +125,8 @@ class Task(L.LightningModule):
         self.run_config = run_config or {}
         self.batches_seen = 0  # training batches drawn so far: where the data stream resumes
         self.skipped_steps = 0
+        self.step_loss: torch.Tensor | None = None  # the last optimizer step's mean loss on this process
+        self._window_loss = torch.zeros(())
         self.grad_norm: torch.Tensor | None = None  # the last step's, before clipping (0-dim; TrainingMetrics reads it)
         self.initial_metrics: dict[str, float] = {}  # the evaluation before step 1
         self._val_sums: list[dict[str, torch.Tensor]] = []  # per validation batch: name -> [sum, count]
@@ -174,7 +176,11 @@ class Task(L.LightningModule):
                 self.manual_backward(loss / self.accumulate if self.accumulate > 1 else loss)
         else:
             self._nonfinite("loss", loss)  # raises, or skips: this batch adds no gradient
+        if self.accumulate > 1:  # the step's loss is its window's mean (one process at accumulation A x N = N of them)
+            first = self.batches_seen % self.accumulate == 1
+            self._window_loss = loss.detach() if first else self._window_loss + loss.detach()
         if stepping:
+            self.step_loss = loss.detach() if self.accumulate == 1 else self._window_loss / self.accumulate
             lr = lr_at(self.trainer.global_step, self.optim_cfg, self.decay_steps)  # a function of the step alone
             for group in optimizer.param_groups:  # type: ignore[union-attr]
                 group["lr"] = lr
