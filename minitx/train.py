@@ -5,11 +5,14 @@ Nothing here knows what a task is; each task class wires its own data, model and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -347,17 +350,62 @@ def check_output_dir(argv: list[str]) -> None:
                 raise ConfigError(f"{key}={value}: the output directory is not writable")
 
 
+# A sweep's job, for the DDP processes Lightning starts for it: its overrides and its directory (JSON)
+SWEEP_JOB = "MINITX_SWEEP_JOB"
+LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", SWEEP_JOB)
+
+
+@contextlib.contextmanager
+def sweep_job(hydra_config: Any) -> Iterator[None]:
+    """In a sweep (-m), one job: its DDP processes are told which job they are (see job_argv), and after it the
+    process group and the variables Lightning's launcher set here are dropped, so that the next job starts its own
+    processes on a fresh port instead of joining the last job's group."""
+    from hydra.types import RunMode
+
+    if hydra_config.mode != RunMode.MULTIRUN:
+        yield
+        return
+    before = {k: os.environ.get(k) for k in LAUNCHER_ENV}
+    os.environ[SWEEP_JOB] = json.dumps([*hydra_config.overrides.task,
+                                        f'hydra.run.dir="{hydra_config.runtime.output_dir}"'])
+    try:
+        yield
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def job_argv(argv: list[str]) -> list[str]:
+    """The command line of this process. Lightning starts a DDP run's other processes with the first process's
+    command line (hydra.run.dir, hydra.job.name and hydra.output_subdir appended: lightning.fabric.strategies.
+    launchers.subprocess_script); in a sweep that would run the whole sweep again, into a new sweep directory. Such
+    a process runs its own job instead: the job's overrides, in the job's directory."""
+    job = os.environ.get(SWEEP_JOB)
+    if job is None or "LOCAL_RANK" not in os.environ or not {"-m", "--multirun"} & set(argv):
+        return argv
+    lightning_args = [a for a in argv if a.startswith(("hydra.job.name=", "hydra.output_subdir="))]
+    return [*json.loads(job), *lightning_args]
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def hydra_main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
-    with exit_on_user_error():
+    with exit_on_user_error(), sweep_job(HydraConfig.get()):
         config = parse_config(cfg)
         return train(config, Path(HydraConfig.get().runtime.output_dir))
 
 
 def main() -> None:
     """The minitx-train console script."""
+    sys.argv[1:] = job_argv(sys.argv[1:])
     with exit_on_user_error():
         check_output_dir(sys.argv[1:])
     hydra_main()
