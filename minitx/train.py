@@ -394,6 +394,32 @@ def job_argv(argv: list[str]) -> list[str]:
     return [*json.loads(job), *lightning_args]
 
 
+def launched_rank() -> int | None:
+    """This process's global rank when a launcher outside Lightning (torchrun, srun) started all the processes, as
+    Lightning's TorchElasticEnvironment and SLURMEnvironment read it; None for a single or Lightning-started run."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    for environment in (TorchElasticEnvironment, SLURMEnvironment):
+        if environment.detect() and environment().world_size() > 1:
+            return environment().global_rank()
+    return None
+
+
+def launched_argv(argv: list[str]) -> list[str]:
+    """Under torchrun or srun every process composes the config itself: they must share one run directory (a
+    timestamped default could differ between nodes), and, as in Lightning's own launcher, only rank 0 writes .hydra/
+    while each other rank logs to <run dir>/train_rank_<rank>.log."""
+    rank = launched_rank()
+    if rank is None:
+        return argv
+    if {"-m", "--multirun"} & set(argv):
+        raise ConfigError("-m: a sweep cannot run under torchrun or srun; launch one job per run")
+    if not any(arg.startswith("hydra.run.dir=") for arg in argv):
+        raise ConfigError("hydra.run.dir: under torchrun or srun every process needs the same run directory; set "
+                          "hydra.run.dir=<a path all nodes share>")
+    return argv if rank == 0 else [*argv, "hydra.output_subdir=null", f"hydra.job.name=train_rank_{rank}"]
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def hydra_main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
@@ -407,6 +433,7 @@ def main() -> None:
     """The minitx-train console script."""
     sys.argv[1:] = job_argv(sys.argv[1:])
     with exit_on_user_error():
+        sys.argv[1:] = launched_argv(sys.argv[1:])
         check_output_dir(sys.argv[1:])
     hydra_main()
 
