@@ -17,7 +17,7 @@ from test_train import compose_config, run_cli
 
 from minitx.config import ConfigError
 from minitx.data import RandomWindows, prepare_data
-from minitx.train import parse_config
+from minitx.train import launched_argv, parse_config
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "data.batch_size=4",
         "data.val_batches=4", "data.path=corpus.txt", "trainer.max_steps=6", "trainer.log_every_n_steps=1",
@@ -54,6 +54,23 @@ def test_two_processes_draw_the_batches_one_process_accumulates(tmp_path: Path) 
             assert torch.equal(ranks[r].batch(step)[0], one.batch(2 * step + r)[0])
     starts = np.random.default_rng([7, 0, 5]).integers(0, len(stream) - 16, size=4)
     assert torch.equal(one.batch(5)[0], stream.windows(starts, 17)[:, :-1])
+
+
+def test_torchrun_and_srun_processes_share_one_run_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun (or srun) each process composes the config: without one hydra.run.dir they would make a
+    directory each; rank 0 alone writes .hydra/, as under Lightning's own launcher."""
+    assert launched_argv(["x=1"]) == ["x=1"]  # not launched from outside
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ConfigError, match=r"^hydra\.run\.dir: under torchrun or srun every process needs the same"):
+        launched_argv(["trainer=ddp"])
+    with pytest.raises(ConfigError, match=r"^-m: a sweep cannot run under torchrun or srun"):
+        launched_argv(["-m", "hydra.run.dir=/r"])
+    assert launched_argv(["hydra.run.dir=/r"]) == ["hydra.run.dir=/r", "hydra.output_subdir=null",
+                                                   "hydra.job.name=train_rank_1"]
+    monkeypatch.setenv("RANK", "0")
+    assert launched_argv(["hydra.run.dir=/r"]) == ["hydra.run.dir=/r"]
 
 
 def metrics(run_dir: Path) -> dict[int, dict[str, float]]:
