@@ -397,6 +397,8 @@ def job_argv(argv: list[str]) -> list[str]:
 def launched_rank() -> int | None:
     """This process's global rank when a launcher outside Lightning (torchrun, srun) started all the processes, as
     Lightning's TorchElasticEnvironment and SLURMEnvironment read it; None for a single or Lightning-started run."""
+    if not {"TORCHELASTIC_RUN_ID", "SLURM_NTASKS"} & set(os.environ):  # (spare --help the import of Lightning)
+        return None
     from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
     for environment in (TorchElasticEnvironment, SLURMEnvironment):
