@@ -211,7 +211,7 @@ class TrainerConfig:
     strategy: str = "auto"
     precision: str = "32-true"  # bf16-mixed on GPUs with bf16; slower on CPUs without it
     max_steps: int = 1500
-    val_check_interval: int = 250  # training batches between evaluations
+    val_check_interval: int = 250  # optimizer steps between evaluations (whatever the accumulation)
     log_every_n_steps: int = 25
     gradient_clip_val: float = 1.0
     accumulate_grad_batches: int = 1  # batches per optimizer step on each process (derived when tokens_per_step>0)
@@ -228,11 +228,6 @@ class TrainerConfig:
         self._check_device()
         if self.gradient_clip_val < 0:
             fail("trainer.gradient_clip_val", self.gradient_clip_val, "must be >= 0 (0 disables clipping)")
-        if self.val_check_interval % self.accumulate_grad_batches:  # a checkpoint there would lose the gradients
-            n, every = self.accumulate_grad_batches, self.val_check_interval
-            raise ConfigError(f"trainer.val_check_interval={every} is not a multiple of trainer.accumulate_grad_batches"
-                              f"={n}: evaluations (and their checkpoints) would fall inside an accumulation window; "
-                              f"set trainer.val_check_interval={-(-every // n) * n}")
         return self
 
     @property

@@ -234,12 +234,15 @@ def make_trainer(config: TrainConfig, task: type[Task], out_dir: Path, ckpt_dir:
     samples = [SampleTable(config, tokenizer)] if config.logger.kind == "wandb" else []
     trainer = L.Trainer(
         **{k: v for k, v in dataclasses.asdict(config.trainer).items()
-           if k not in ("gradient_clip_val", "accumulate_grad_batches", "tokens_per_step")},  # minitx's own settings
+           if k not in ("gradient_clip_val", "accumulate_grad_batches", "tokens_per_step", "val_check_interval")},
+        # Lightning counts batches between evaluations; minitx's key counts optimizer steps, so that an evaluation
+        # falls at the same step on 1 process or N (tokens_per_step derives the accumulation from the world size)
+        val_check_interval=config.trainer.val_check_interval * config.trainer.accumulate_grad_batches,
         logger=logger,
         callbacks=[best, periodic, metrics, summary, FinalValidation(), *progress_bar, *samples, *callbacks],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=out_dir,
-        check_val_every_n_epoch=None,  # validate every val_check_interval batches of the endless stream
+        check_val_every_n_epoch=None,  # validate every val_check_interval steps of the endless stream
         # a full evaluation (every batch) before step 1 gives the initial val/loss; a resumed run has had it
         num_sanity_val_steps=0 if resume else -1,
         use_distributed_sampler=False,  # the data modules shard validation themselves (no repeated batches)
