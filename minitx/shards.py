@@ -40,13 +40,14 @@ def token_dtype(id_limit: int) -> np.dtype:
     return np.dtype(np.uint16 if id_limit <= 2**16 else np.uint32)
 
 
-def document_parts(column: pa.ChunkedArray | pa.Array, max_chars: int = MAX_DOCUMENT_CHARS
+def document_parts(column: pa.ChunkedArray | pa.Array, max_chars: int | None = None
                    ) -> Iterator[tuple[list[str], list[bool]]]:
     """The column's texts in batches of (texts, whether each ends its document). A document longer than `max_chars`
     (a whole file read as one document, sample_by="document") is cut into parts of at most `max_chars` characters,
     sliced by Arrow so that it never becomes one Python string (see line_cut for where)."""
     import pyarrow.compute as pc
 
+    max_chars = max_chars or MAX_DOCUMENT_CHARS
     texts: list[str] = []
     ends: list[bool] = []
     size = 0
