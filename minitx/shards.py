@@ -156,18 +156,24 @@ def plan_pieces(ds: datasets.Dataset, column: str, split: str, folder: Path, sha
     return [Piece(split, i, n, folder / f"{split}-{i:05d}.bin", last_ends or i < n - 1) for i in range(n)]
 
 
-def _write(ds: datasets.Dataset, column: str, tokenizer_json: str, piece: Piece, dtype: str, eot: int) -> int:
-    """A worker's task (prepare.num_proc > 1): one piece. Each process tokenizes with one thread, so that the
-    processes, not the tokenizer's threads, share the cores."""
+_worker_tokenizer: Tokenizer | None = None  # a worker process's tokenizer (prepare.num_proc > 1)
+
+
+def _start_worker(tokenizer_json: str) -> None:
+    """A worker tokenizes with one thread, so that the processes, not the tokenizer's threads, share the cores (read
+    when the tokenizer first encodes in parallel, after this); its tokenizer is built once."""
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_str(tokenizer_json)
-    return write_piece(ds.shard(piece.n, piece.index, contiguous=True), column, tokenizer, piece.path,
+    global _worker_tokenizer
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
+
+
+def _write(ds: datasets.Dataset, column: str, piece: Piece, dtype: str, eot: int) -> int:
+    """A worker's task: one piece."""
+    assert _worker_tokenizer is not None
+    return write_piece(ds.shard(piece.n, piece.index, contiguous=True), column, _worker_tokenizer, piece.path,
                        np.dtype(dtype), eot, piece.last_ends)
-
-
-def _one_thread() -> None:
-    os.environ["RAYON_NUM_THREADS"] = "1"  # read when the tokenizer first encodes in parallel, after this
 
 
 def write_shards(splits: dict[str, tuple[datasets.Dataset, list[Piece]]], column: str, tokenizer: Tokenizer,
@@ -184,8 +190,9 @@ def write_shards(splits: dict[str, tuple[datasets.Dataset, list[Piece]]], column
             write_piece(ds.shard(piece.n, piece.index, contiguous=True), column, tokenizer, piece.path, dtype, eot,
                         piece.last_ends)
         return
-    with ProcessPoolExecutor(num_proc, mp_context=get_context("spawn"), initializer=_one_thread) as pool:
-        futures = [pool.submit(_write, splits[name][0], column, tokenizer.to_str(), piece, dtype.name, eot)
+    with ProcessPoolExecutor(num_proc, mp_context=get_context("spawn"), initializer=_start_worker,
+                             initargs=(tokenizer.to_str(),)) as pool:
+        futures = [pool.submit(_write, splits[name][0], column, piece, dtype.name, eot)
                    for name, piece in todo]
         for future in futures:
             future.result()

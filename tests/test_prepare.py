@@ -69,15 +69,18 @@ def reference(cfg: DataConfig, tokenizer) -> tuple[np.ndarray, np.ndarray]:
             tokenize_documents(val, corpus.text_column, tokenizer))
 
 
-@pytest.mark.parametrize("kind", ["char", "bpe"])
-def test_shards_hold_the_reference_stream(tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("kind", "num_proc"),
+                         [("char", 1), ("bpe", 1), pytest.param("bpe", 2, marks=pytest.mark.slow)])
+def test_shards_hold_the_reference_stream(tmp_path: Path, kind: str, num_proc: int,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Many shards, a long document read in line-cut parts: the same tokens, EOTs and dtype as one in-memory pass
-    (the held-out tail cuts a document, so the last training document has no EOT)."""
+    (the held-out tail cuts a document, so the last training document has no EOT). With 2 processes (spawned: they
+    read the module's own limits, so there the long document is read whole) the same."""
     monkeypatch.setattr(shards, "MAX_DOCUMENT_CHARS", 700)  # the long document is read in ~25 parts
     monkeypatch.setattr(shards, "ROWS_PER_BATCH", 5)
     cfg = DataConfig(path=str(corpus_dir(tmp_path)), cache_dir=str(tmp_path / "cache"))
     data = prepare_data(cfg, TokenizerConfig(kind=kind, vocab_size=300), 17,
-                        prepare_cfg=PrepareConfig(shard_chars=3000))
+                        prepare_cfg=PrepareConfig(shard_chars=3000, num_proc=num_proc))
     assert len(data.train.paths) > 5
     train, val = reference(cfg, data.tokenizer)
     assert data.train.tokens.dtype == train.dtype == np.uint16
@@ -148,3 +151,17 @@ def test_two_prepares_at_once_then_train_reads_the_cache(tmp_path: Path) -> None
     assert train.returncode == 0, train.stderr[-3000:]
     assert "(token cache)" in train.stdout + train.stderr
     assert not list(folder.glob("*.tmp*"))
+
+
+def test_prepare_composes_the_training_config() -> None:
+    """minitx-prepare reads minitx-train's config (experiments included), and refuses a bad prepare.* in one line."""
+    from minitx.config import ConfigError
+    from minitx.prepare import compose
+
+    config = compose(["experiment=shakespeare_char", "prepare.num_proc=4"])
+    assert config.data.hub_id == "karpathy/tiny_shakespeare" and config.tokenizer.kind == "char"
+    assert config.prepare.num_proc == 4
+    with pytest.raises(ConfigError, match=r"^prepare\.num_proc=0: must be > 0$"):
+        compose(["prepare.num_proc=0"])
+    with pytest.raises(ConfigError, match=r"prepare\.shard_size"):
+        compose(["prepare.shard_size=5"])
