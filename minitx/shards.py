@@ -32,7 +32,7 @@ MANIFEST = "manifest.json"  # written last: a cache directory with one is comple
 PLAN = "plan.json"  # how the splits were cut into pieces: shards on disk belong to it
 ROWS_PER_BATCH = 1000  # documents encoded per encode_batch call
 BATCH_CHARS = 4_000_000  # ... or fewer, so that a batch of long documents stays a few MB
-MAX_DOCUMENT_CHARS = 1_000_000  # a longer document is encoded in parts cut after a newline (see document_parts)
+MAX_DOCUMENT_BYTES = 1 << 20  # a longer document is encoded in parts cut after a newline (see document_parts)
 
 
 def token_dtype(id_limit: int) -> np.dtype:
@@ -40,24 +40,26 @@ def token_dtype(id_limit: int) -> np.dtype:
     return np.dtype(np.uint16 if id_limit <= 2**16 else np.uint32)
 
 
-def document_parts(column: pa.ChunkedArray | pa.Array, max_chars: int | None = None
+def document_parts(column: pa.ChunkedArray | pa.Array, max_bytes: int | None = None
                    ) -> Iterator[tuple[list[str], list[bool]]]:
-    """The column's texts in batches of (texts, whether each ends its document). A document longer than `max_chars`
-    (a whole file read as one document, sample_by="document") is cut into parts of at most `max_chars` characters,
-    sliced by Arrow so that it never becomes one Python string (see line_cut for where)."""
+    """The column's texts in batches of (texts, whether each ends its document). A document of more than
+    `max_bytes` (a whole file read as one document, sample_by="document") is cut into parts of at most that many
+    UTF-8 bytes, read from the Arrow buffer without ever becoming one Python string (see line_cut for where)."""
     import pyarrow.compute as pc
 
-    max_chars = max_chars or MAX_DOCUMENT_CHARS
+    max_bytes = max_bytes or MAX_DOCUMENT_BYTES
     texts: list[str] = []
     ends: list[bool] = []
     size = 0
     for start in range(0, len(column), ROWS_PER_BATCH):
-        rows = pc.fill_null(column.slice(start, ROWS_PER_BATCH), "")
-        lengths = pc.utf8_length(rows).to_numpy(zero_copy_only=False)
-        if lengths.max(initial=0) <= max_chars:  # the common case: whole documents, converted in one call
+        rows = column.slice(start, ROWS_PER_BATCH)
+        if rows.null_count:
+            rows = pc.fill_null(rows, "")
+        sizes = pc.binary_length(rows).to_numpy(zero_copy_only=False)
+        if sizes.max(initial=0) <= max_bytes:  # the common case: whole documents, converted in one call
             parts: Iterator[tuple[str, bool]] = ((t, True) for t in rows.to_pylist())
         else:
-            parts = (part for i in range(len(rows)) for part in _cut(rows.slice(i, 1), int(lengths[i]), max_chars))
+            parts = (part for i in range(len(rows)) for part in _cut(_row_bytes(rows, i), max_bytes))
         for text, end in parts:
             texts.append(text)
             ends.append(end)
@@ -69,30 +71,50 @@ def document_parts(column: pa.ChunkedArray | pa.Array, max_chars: int | None = N
         yield texts, ends
 
 
-def line_cut(text: str) -> int:
-    """Where to cut `text` so that the tokens do not change: after a newline between two non-space characters
-    ("word\nWord"). A char-level tokenizer and byte-level BPE (GPT-2's pre-tokenizer, which always isolates such a
-    newline) give the same tokens for the two parts as for the whole; a run of blank lines is not such a place (BPE
-    merges it). Without one (a text with no line breaks), the end of `text`: the cut may then change a token or two."""
-    i = len(text) - 1
-    while (i := text.rfind("\n", 1, i)) > 0:
-        if i + 1 < len(text) and not text[i - 1].isspace() and not text[i + 1].isspace():
+def _row_bytes(rows: pa.ChunkedArray | pa.Array, i: int) -> memoryview:
+    """Row `i`'s UTF-8 bytes: a view of the Arrow data buffer (memory-mapped from the datasets cache), no copy."""
+    import pyarrow as pa
+
+    if isinstance(rows, pa.ChunkedArray):
+        for chunk in rows.chunks:
+            if i < len(chunk):
+                break
+            i -= len(chunk)
+        rows = chunk
+    _, offsets, data = rows.buffers()
+    offsets = np.frombuffer(offsets, dtype=np.int64 if pa.types.is_large_string(rows.type) else np.int32)
+    begin, end = offsets[rows.offset + i], offsets[rows.offset + i + 1]
+    return memoryview(data)[begin:end] if data is not None else memoryview(b"")
+
+
+def line_cut(chunk: bytes) -> int:
+    """Where to cut UTF-8 `chunk` so that the tokens do not change (0: no such place): after a newline between two
+    non-space characters ("word\nWord"). A char-level tokenizer and byte-level BPE (GPT-2's pre-tokenizer, which
+    always isolates such a newline) give the same tokens for the two parts as for the whole; a run of blank lines is
+    not such a place (BPE merges it)."""
+    i = len(chunk) - 1
+    while (i := chunk.rfind(b"\n", 1, i)) > 0:  # a newline byte is never inside a multi-byte character
+        before = chunk[max(0, i - 4):i].decode("utf-8", "ignore")[-1:]
+        after = chunk[i + 1:i + 5].decode("utf-8", "ignore")[:1]
+        if before and after and not before.isspace() and not after.isspace():
             return i + 1
-    return len(text)
+    return 0
 
 
-def _cut(row: pa.Array, length: int, max_chars: int) -> Iterator[tuple[str, bool]]:
-    """One document (a 1-row array) as parts of at most `max_chars` characters, each cut by line_cut."""
-    import pyarrow.compute as pc
-
+def _cut(data: memoryview, max_bytes: int) -> Iterator[tuple[str, bool]]:
+    """One document's bytes as parts of at most `max_bytes`, each cut by line_cut; a part without such a newline (a
+    text without line breaks) is cut at a character boundary, where a BPE token or two may differ from the whole."""
     start = 0
-    while length - start > max_chars:
-        # one character beyond the part, so that a newline at its end can be seen to be followed by text
-        text = pc.utf8_slice_codeunits(row, start, start + max_chars + 1)[0].as_py()
-        cut = min(line_cut(text), max_chars)
-        yield text[:cut], False
+    while len(data) - start > max_bytes:
+        chunk = bytes(data[start:start + max_bytes + 1])  # one byte more: is a newline at the end followed by text?
+        cut = line_cut(chunk)
+        if not cut:
+            cut = max_bytes
+            while chunk[cut] & 0xC0 == 0x80:  # not inside a character
+                cut -= 1
+        yield chunk[:cut].decode(), False
         start += cut
-    yield pc.utf8_slice_codeunits(row, start, length)[0].as_py(), True
+    yield bytes(data[start:]).decode(), True
 
 
 def text_column(ds: datasets.Dataset, column: str) -> pa.ChunkedArray:

@@ -57,7 +57,8 @@ def corpus_dir(tmp_path: Path) -> Path:
     folder.mkdir()
     for i in range(12):
         (folder / f"doc{i:02d}.txt").write_text(make_text(20 + 15 * i, seed=i))
-    (folder / "long.txt").write_text(make_text(400, seed=99) + "\n\n\nand then   spaces\n  indented\n" * 3)
+    (folder / "long.txt").write_text(make_text(400, seed=99) + "\n\n\nand then   spaces\n  indented\n" * 3
+                                     + "le chat été là, über straße.\nñandú 猫.\n" * 40)
     return folder
 
 
@@ -76,7 +77,7 @@ def test_shards_hold_the_reference_stream(tmp_path: Path, kind: str, num_proc: i
     """Many shards, a long document read in line-cut parts: the same tokens, EOTs and dtype as one in-memory pass
     (the held-out tail cuts a document, so the last training document has no EOT). With 2 processes (spawned: they
     read the module's own limits, so there the long document is read whole) the same."""
-    monkeypatch.setattr(shards, "MAX_DOCUMENT_CHARS", 700)  # the long document is read in ~25 parts
+    monkeypatch.setattr(shards, "MAX_DOCUMENT_BYTES", 700)  # the long document is read in ~25 parts
     monkeypatch.setattr(shards, "ROWS_PER_BATCH", 5)
     cfg = DataConfig(path=str(corpus_dir(tmp_path)), cache_dir=str(tmp_path / "cache"))
     data = prepare_data(cfg, TokenizerConfig(kind=kind, vocab_size=300), 17,
@@ -165,3 +166,18 @@ def test_prepare_composes_the_training_config() -> None:
         compose(["prepare.num_proc=0"])
     with pytest.raises(ConfigError, match=r"prepare\.shard_size"):
         compose(["prepare.shard_size=5"])
+
+
+def test_a_long_document_is_read_in_parts() -> None:
+    """Parts of at most max_bytes, cut after a newline between text where there is one, else at a character
+    boundary; together they are the document."""
+    import pyarrow as pa
+
+    text = "é" * 1000 + "\nab\ncd\n\n\nef" * 50
+    parts = [p for texts, ends in shards.document_parts(pa.chunked_array([["x", text]]), max_bytes=301)
+             for p in zip(texts, ends, strict=True)]
+    assert parts[0] == ("x", True) and [end for _, end in parts[1:]] == [False] * (len(parts) - 2) + [True]
+    assert "".join(t for t, _ in parts[1:]) == text
+    assert all(len(t.encode()) <= 301 for t, _ in parts)
+    lines = [t for t, end in parts if "ab" in t and not end]
+    assert lines and all(t[-2:] in ("b\n", "d\n", "f\n") for t in lines)  # between lines of text, not blank lines
