@@ -257,16 +257,29 @@ class ShardedTokens:
         return self._maps[i]  # type: ignore[return-value]
 
     def gather(self, starts: np.ndarray, length: int) -> np.ndarray:
-        """(len(starts), length) array of the windows starting at global positions `starts`."""
-        idx = starts[:, None] + np.arange(length)
+        """(len(starts), length) array of the windows starting at global positions `starts`: one fancy index per
+        shard for the windows inside it, piece by piece for the few that straddle a boundary."""
         if len(self.paths) == 1:
-            return self.shard(0)[idx]
-        which = np.searchsorted(self.offsets, idx, side="right") - 1
-        out = np.empty(idx.shape, dtype=self.dtype)
-        for i in np.unique(which):
-            at = which == i
-            out[at] = self.shard(int(i))[idx[at] - self.offsets[i]]
+            return self.shard(0)[starts[:, None] + np.arange(length)]
+        out = np.empty((len(starts), length), dtype=self.dtype)
+        first = np.searchsorted(self.offsets, starts, side="right") - 1
+        inside = starts + length <= self.offsets[first + 1]
+        for i in np.unique(first[inside]):
+            rows = np.flatnonzero(inside & (first == i))
+            out[rows] = self.shard(int(i))[(starts[rows] - self.offsets[i])[:, None] + np.arange(length)]
+        for row in np.flatnonzero(~inside):
+            out[row] = self.read(int(starts[row]), length)
         return out
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens start .. start+length-1, across as many shards as they span."""
+        parts, at, end = [], start, start + length
+        i = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        while at < end:
+            stop = min(end, int(self.offsets[i + 1]))
+            parts.append(self.shard(i)[at - self.offsets[i]:stop - self.offsets[i]])
+            at, i = stop, i + 1
+        return np.concatenate(parts)
 
     @property
     def tokens(self) -> np.ndarray:

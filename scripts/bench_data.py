@@ -1,12 +1,12 @@
 """Sharded pre-tokenization at scale: throughput, memory, and the first training batches (issue 13's data targets).
 
-For each size: generate FineWeb-like text (JSON lines, documents of a few KB of words drawn from a fixed vocabulary,
-Zipf-distributed; or --kind txt: a directory of .txt files), then run `minitx-prepare` as a subprocess with
-prepare.num_proc=1 and 2 (each with a fresh datasets cache and token cache), reporting MB/s of text and the peak
-RSS of the whole process tree (polled every 50 ms from /proc; also its anonymous part, without the page cache of
-memory-mapped files). Then, from the prepared shards
-and from one memmap file of the same tokens, the time for a training stream (RandomWindows) to draw its first batch
-and its first 100.
+For each size: generate FineWeb-like text (JSON lines, documents of a few KB of words drawn from a fixed
+vocabulary, Zipf-distributed; or --kind txt: a directory of .txt files, one per document), then run
+`minitx-prepare` as a subprocess with prepare.num_proc=1 and 2 (each with a fresh datasets cache and token cache),
+reporting MB/s of text and the peak RSS of the whole process tree (polled every 50 ms from /proc; also its anonymous
+part, without the page cache of memory-mapped files). Then, from the prepared shards and from one memmap file of
+the same tokens, the time for a training stream (RandomWindows) to draw its first batch and its first 100 (the
+shards were just written: their pages are in the page cache, as after any preparation).
 
     python scripts/bench_data.py --sizes 100MB 1GB          # the lead's measurement, on a quiet machine
     python scripts/bench_data.py --sizes 5MB                # a smoke run
@@ -47,27 +47,31 @@ def vocabulary(n: int = 20_000, seed: int = 0) -> np.ndarray:
 
 
 def generate(path: Path, size: int, kind: str, seed: int = 0) -> None:
-    """About `size` bytes of documents (2-8 KB each, paragraphs of sentences) as JSON lines or .txt files."""
+    """About `size` bytes of documents (4-15 paragraphs of 5 sentences: ~3-12 KB each) as JSON lines or .txt files."""
     rng = np.random.default_rng(seed)
-    words = vocabulary()
-    zipf = 1.0 / np.arange(1, len(words) + 1)
-    zipf /= zipf.sum()
+    words = vocabulary().tolist()
+    zipf = np.cumsum(1.0 / np.arange(1, len(words) + 1))
     written, n = 0, 0
     out = path.open("w") if kind == "jsonl" else None
     if kind == "txt":
         path.mkdir(parents=True)
     while written < size:
-        drawn = words[rng.choice(len(words), size=int(rng.integers(300, 1200)), p=zipf)]
-        sentences = [" ".join(s).capitalize() + "." for s in np.array_split(drawn, max(1, len(drawn) // 12))]
-        paragraphs = [" ".join(p) for p in np.array_split(np.array(sentences, dtype=object),
-                                                          max(1, len(sentences) // 5))]
-        text = "\n\n".join(paragraphs) + "\n"
-        if out is not None:
-            out.write(json.dumps({"text": text}) + "\n")
-        else:
-            (path / f"doc-{n:07d}.txt").write_text(text)
-        written += len(text) + 12
-        n += 1
+        drawn = np.searchsorted(zipf, rng.random(200_000) * zipf[-1]).tolist()  # Zipf-distributed word ids
+        at = 0
+        while at < len(drawn) - 1200 and written < size:
+            doc = []
+            for _ in range(int(rng.integers(4, 16))):  # paragraphs of 5 sentences of 12 words
+                sentences = [" ".join(words[i] for i in drawn[at + k: at + k + 12]).capitalize() + "."
+                             for k in range(0, 60, 12)]
+                doc.append(" ".join(sentences))
+                at += 60
+            text = "\n\n".join(doc) + "\n"
+            if out is not None:
+                out.write(json.dumps({"text": text}) + "\n")
+            else:
+                (path / f"doc-{n:07d}.txt").write_text(text)
+            written += len(text) + 12
+            n += 1
     if out is not None:
         out.close()
 
