@@ -158,10 +158,10 @@ class DataConfig:
 @dataclass
 class PrepareConfig:
     num_proc: int = 1  # processes tokenizing shards at once (1: one process, the tokenizer's own threads)
-    shard_chars: int = 100_000_000  # text per token shard, in characters (whole documents; ~25M BPE tokens)
+    shard_bytes: int = 100_000_000  # text per token shard, in UTF-8 bytes (whole documents; ~25M BPE tokens)
 
     def validate(self) -> PrepareConfig:
-        check_positive("prepare", self, "num_proc", "shard_chars")
+        check_positive("prepare", self, "num_proc", "shard_bytes")
         return self
 
 

@@ -430,10 +430,10 @@ def write_cache(cache: Path, corpus: Corpus, data_cfg: DataConfig, tok_cfg: Toke
         tokenizer.save(str(tmp))
         os.replace(tmp, saved)
     dtype = token_dtype(id_limit(tokenizer))
-    splits = {name: (texts, plan_pieces(texts, corpus.text_column, name, cache, prepare_cfg.shard_chars, last_ends))
+    splits = {name: (texts, plan_pieces(texts, corpus.text_column, name, cache, prepare_cfg.shard_bytes, last_ends))
               for name, texts, last_ends in (("train", train_texts, not cut_inside), ("val", val_texts, True))}
-    plan = {name: len(pieces) for name, (_, pieces) in splits.items()} | {"shard_chars": prepare_cfg.shard_chars}
-    if read_plan(cache) != plan:  # shards cut another way (another prepare.shard_chars) are not this plan's
+    plan = {name: len(pieces) for name, (_, pieces) in splits.items()} | {"shard_bytes": prepare_cfg.shard_bytes}
+    if read_plan(cache) != plan:  # shards cut another way (another prepare.shard_bytes) are not this plan's
         for old in cache.glob("*.bin"):
             old.unlink()
         write_json(cache / PLAN, plan)

@@ -17,7 +17,7 @@ USAGE = """usage: minitx-prepare [key=value ...]   (the keys of minitx-train; se
 
 Tokenizes the corpus minitx-train would read (data.*, tokenizer.*, experiment=) into token shards in
 data.cache_dir (default $MINITX_CACHE or ~/.cache/minitx). prepare.num_proc=N tokenizes with N processes;
-prepare.shard_chars sets the text per shard. An interrupted run resumes; a prepared corpus is reused.
+prepare.shard_bytes sets the text per shard. An interrupted run resumes; a prepared corpus is reused.
 """
 
 

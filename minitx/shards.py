@@ -2,7 +2,7 @@
 stream.
 
 A split (a `datasets.Dataset` of documents) is cut with `Dataset.shard(n, i, contiguous=True)` into pieces of about
-`prepare.shard_chars` characters; each piece's documents are encoded in batches and appended to its shard file, each
+`prepare.shard_bytes` of text; each piece's documents are encoded in batches and appended to its shard file, each
 followed by <|endoftext|>, so memory holds one batch whatever the corpus size. A shard file is written to a temporary
 name and renamed when whole: a file under its final name is finished, and an interrupted preparation redoes only the
 pieces that have none. The shards concatenated are exactly the stream one pass over the documents would give.
@@ -166,15 +166,16 @@ class Piece:
     last_ends: bool
 
 
-def plan_pieces(ds: datasets.Dataset, column: str, split: str, folder: Path, shard_chars: int,
+def plan_pieces(ds: datasets.Dataset, column: str, split: str, folder: Path, shard_bytes: int,
                 last_ends: bool) -> list[Piece]:
-    """The split cut into ceil(characters / shard_chars) pieces of whole documents (at most one per document)."""
+    """The split cut into ceil(UTF-8 bytes / shard_bytes) pieces of whole documents (at most one per document). The
+    bytes are counted from the Arrow offsets: the text itself is not read."""
     import pyarrow.compute as pc
 
     if len(ds) == 0:
         return []
-    chars = pc.sum(pc.utf8_length(pc.fill_null(text_column(ds, column), ""))).as_py() or 0
-    n = max(1, min(len(ds), -(-chars // shard_chars)))
+    size = pc.sum(pc.binary_length(text_column(ds, column))).as_py() or 0
+    n = max(1, min(len(ds), -(-size // shard_bytes)))
     return [Piece(split, i, n, folder / f"{split}-{i:05d}.bin", last_ends or i < n - 1) for i in range(n)]
 
 

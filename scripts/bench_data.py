@@ -108,7 +108,7 @@ def run_prepare(data: Path, work: Path, num_proc: int, args: argparse.Namespace)
                         "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "minitx.prepare", f"data.path={data}", f"data.cache_dir={cache}",
            f"tokenizer={args.tokenizer}", f"tokenizer.vocab_size={args.vocab_size}", f"prepare.num_proc={num_proc}",
-           f"prepare.shard_chars={args.shard_chars}", *args.overrides]
+           f"prepare.shard_bytes={args.shard_bytes}", *args.overrides]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = peak_anon = 0
@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--procs", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--tokenizer", default="bpe")
     parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--shard-chars", type=int, default=0, help="prepare.shard_chars (default: size / 16)")
+    parser.add_argument("--shard-bytes", type=int, default=0, help="prepare.shard_bytes (default: size / 16)")
     parser.add_argument("--block", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--workdir", type=Path, default=None, help="where to generate (default: a temporary dir)")
@@ -171,7 +171,7 @@ def main() -> None:
             t0 = time.perf_counter()
             generate(data, size, args.kind)
             print(f"generated {size / 2**20:.0f} MB ({args.kind}) in {time.perf_counter() - t0:.1f} s", flush=True)
-            args.shard_chars = args.shard_chars or max(1, size // 16)
+            args.shard_bytes = args.shard_bytes or max(1, size // 16)
             results = {}
             for n in args.procs:
                 results[n] = r = run_prepare(data, work, n, args)

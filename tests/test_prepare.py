@@ -81,7 +81,7 @@ def test_shards_hold_the_reference_stream(tmp_path: Path, kind: str, num_proc: i
     monkeypatch.setattr(shards, "ROWS_PER_BATCH", 5)
     cfg = DataConfig(path=str(corpus_dir(tmp_path)), cache_dir=str(tmp_path / "cache"))
     data = prepare_data(cfg, TokenizerConfig(kind=kind, vocab_size=300), 17,
-                        prepare_cfg=PrepareConfig(shard_chars=3000, num_proc=num_proc))
+                        prepare_cfg=PrepareConfig(shard_bytes=3000, num_proc=num_proc))
     assert len(data.train.paths) > 5
     train, val = reference(cfg, data.tokenizer)
     assert data.train.tokens.dtype == train.dtype == np.uint16
@@ -96,7 +96,7 @@ def test_interrupted_preparation_resumes(tmp_path: Path, monkeypatch: pytest.Mon
     """A preparation that fails after 3 shards leaves them finished; the rerun keeps those files (same inode and
     mtime), writes the rest, and gives what an uninterrupted run gives."""
     docs = corpus_dir(tmp_path)
-    tok, prep = TokenizerConfig(kind="bpe", vocab_size=300), PrepareConfig(shard_chars=3000)
+    tok, prep = TokenizerConfig(kind="bpe", vocab_size=300), PrepareConfig(shard_bytes=3000)
     cfg = DataConfig(path=str(docs), cache_dir=str(tmp_path / "cache"))
     real, written = shards.write_piece, []
 
@@ -133,7 +133,7 @@ def test_two_prepares_at_once_then_train_reads_the_cache(tmp_path: Path) -> None
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": "".join(lines[i:i + 30])}) + "\n"
                                                    for i in range(0, len(lines), 30)))
     args = ["data.path=corpus.jsonl", f"data.cache_dir={tmp_path / 'cache'}", "tokenizer=bpe",
-            "tokenizer.vocab_size=300", "prepare.shard_chars=20000", "model.block_size=32", "model.n_layer=1",
+            "tokenizer.vocab_size=300", "prepare.shard_bytes=20000", "model.block_size=32", "model.n_layer=1",
             "model.n_head=2", "model.n_embd=32", "data.batch_size=4", "data.val_batches=2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
     procs = [subprocess.Popen([sys.executable, "-m", "minitx.prepare", *args], cwd=tmp_path, env=env, text=True,
