@@ -426,6 +426,7 @@ def write_cache(cache: Path, corpus: Corpus, data_cfg: DataConfig, tok_cfg: Toke
     else:
         if tokenizer is None:
             tokenizer = build_tokenizer(tok_cfg, _texts(train_texts, corpus.text_column), encoder)
+            log.info("tokenizer built in %.1f s", time.perf_counter() - t0)
         tmp = cache / f"tokenizer.json.tmp{os.getpid()}"
         tokenizer.save(str(tmp))
         os.replace(tmp, saved)
