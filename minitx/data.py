@@ -37,6 +37,7 @@ from minitx.shards import (
     document_parts,
     plan_pieces,
     read_plan,
+    released_chunks,
     text_column,
     token_dtype,
     write_json,
@@ -272,13 +273,14 @@ def check_text(cfg: DataConfig, name: str, split: datasets.Dataset, description:
     if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
         return
     try:
-        values.validate(full=True)
+        for chunk in released_chunks(values):  # (a corpus larger than memory: see drop_mapped_pages)
+            chunk.validate(full=True)
     except pa.ArrowInvalid as e:
         if cfg.path is None:
             raise DataError(f"data.hub_id={cfg.hub_id!r}: the {name} split holds text that is not UTF-8 ({e}); "
                             "choose another dataset") from None
         raise _read_error(cfg.path, cfg.val_split, e) from None
-    if not pc.any(pc.match_substring_regex(values, r"\S")).as_py():
+    if not any(pc.any(pc.match_substring_regex(chunk, r"\S")).as_py() for chunk in released_chunks(values)):
         raise DataError(_no_text_message(cfg, name))
 
 
@@ -459,7 +461,8 @@ def hold_out_tail(ds: datasets.Dataset, column: str, fraction: float) -> tuple[d
     import pyarrow.compute as pc
 
     ds = ds.select_columns([column])
-    lengths = pc.utf8_length(pc.fill_null(ds.data.column(column), "")).to_numpy(zero_copy_only=False)
+    lengths = np.concatenate([pc.utf8_length(pc.fill_null(chunk, "")).to_numpy(zero_copy_only=False)
+                              for chunk in released_chunks(ds.data.column(column))] or [np.empty(0, np.int64)])
     ends = np.cumsum(lengths)
     n_val = int(ends[-1] * fraction) if len(ends) else 0
     if n_val == 0:  # too little text to hold any out; the caller refuses the empty stream

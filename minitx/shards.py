@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +34,37 @@ PLAN = "plan.json"  # how the splits were cut into pieces: shards on disk belong
 ROWS_PER_BATCH = 1000  # documents encoded per encode_batch call
 BATCH_CHARS = 4_000_000  # ... or fewer, so that a batch of long documents stays a few MB
 MAX_DOCUMENT_BYTES = 1 << 20  # a longer document is encoded in parts cut after a newline (see document_parts)
+RELEASE_BYTES = 256 << 20  # text read between two drop_mapped_pages
+
+
+def drop_mapped_pages() -> None:
+    """Unmap from this process the pages it has read of read-only memory-mapped .arrow files (datasets' cache): a
+    page of a mapped file once read stays counted in the process's RSS, so one pass over a corpus would make RSS as
+    large as the corpus, though those pages are page cache the kernel can drop. madvise(MADV_DONTNEED) on a
+    read-only file mapping loses nothing: a page read again is mapped again from the page cache or the file."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].endswith(".arrow") and "w" not in fields[1]:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                madvise(start, end - start, 4)  # MADV_DONTNEED
+
+
+def released_chunks(column: pa.ChunkedArray) -> Iterator[pa.Array]:
+    """The column's chunks, for a pass over all of it: every RELEASE_BYTES read, the pages read are dropped."""
+    read = 0
+    for chunk in column.chunks:
+        yield chunk
+        read += chunk.nbytes
+        if read >= RELEASE_BYTES:
+            drop_mapped_pages()
+            read = 0
 
 
 def token_dtype(id_limit: int) -> np.dtype:
@@ -50,12 +82,16 @@ def document_parts(column: pa.ChunkedArray | pa.Array, max_bytes: int | None = N
     max_bytes = max_bytes or MAX_DOCUMENT_BYTES
     texts: list[str] = []
     ends: list[bool] = []
-    size = 0
+    size = read = 0
     for start in range(0, len(column), ROWS_PER_BATCH):
         rows = column.slice(start, ROWS_PER_BATCH)
         if rows.null_count:
             rows = pc.fill_null(rows, "")
         sizes = pc.binary_length(rows).to_numpy(zero_copy_only=False)
+        read += int(sizes.sum())
+        if read >= RELEASE_BYTES:  # the previous batches' pages: RSS stays flat over the corpus
+            drop_mapped_pages()
+            read = 0
         if sizes.max(initial=0) <= max_bytes:  # the common case: whole documents, converted in one call
             parts: Iterator[tuple[str, bool]] = ((t, True) for t in rows.to_pylist())
         else:

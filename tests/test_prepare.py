@@ -181,3 +181,30 @@ def test_a_long_document_is_read_in_parts() -> None:
     assert all(len(t.encode()) <= 301 for t, _ in parts)
     lines = [t for t, end in parts if "ab" in t and not end]
     assert lines and all(t[-2:] in ("b\n", "d\n", "f\n") for t in lines)  # between lines of text, not blank lines
+
+
+def rss_file_kb() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("RssFile:")).split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_pages_read_from_the_arrow_cache_are_unmapped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass over a memory-mapped corpus does not leave it counted in RSS (drop_mapped_pages), and what is read
+    after the pages are dropped is the same text."""
+    import datasets
+
+    text = make_text(200)
+    datasets.Dataset.from_dict({"text": [f"{i} {text}" for i in range(4000)]}).save_to_disk(tmp_path / "ds")
+    column = datasets.load_from_disk(str(tmp_path / "ds")).data.column("text")  # ~30 MB, memory-mapped
+    size_kb = column.nbytes // 1024
+    before = rss_file_kb()
+    first = [t for texts, _ in shards.document_parts(column) for t in texts]  # reads every page
+    assert rss_file_kb() - before > size_kb // 2
+    shards.drop_mapped_pages()
+    assert rss_file_kb() - before < size_kb // 4
+    monkeypatch.setattr(shards, "RELEASE_BYTES", 1 << 20)
+    monkeypatch.setattr(shards, "ROWS_PER_BATCH", 100)  # ~0.6 MB: what stays mapped is the last batch or two
+    again = [t for texts, _ in shards.document_parts(column) for t in texts]  # dropping as it goes
+    assert rss_file_kb() - before < size_kb // 4
+    assert again == first and first[7] == f"7 {text}"
