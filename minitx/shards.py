@@ -13,6 +13,7 @@ This module imports no torch: the processes that tokenize pieces (prepare.num_pr
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -236,7 +237,7 @@ def _write(ds: datasets.Dataset, column: str, piece: Piece, dtype: str, eot: int
 
 
 def write_shards(splits: dict[str, tuple[datasets.Dataset, list[Piece]]], column: str, tokenizer: Tokenizer,
-                 dtype: np.dtype, eot: int, num_proc: int, log) -> None:
+                 dtype: np.dtype, eot: int, num_proc: int, log: logging.Logger) -> None:
     """Write every piece that has no finished shard file yet: in this process (num_proc=1, the tokenizer's own
     threads), else in `num_proc` spawned processes."""
     todo = [(name, piece) for name, (_, pieces) in splits.items() for piece in pieces if not piece.path.exists()]
@@ -253,8 +254,12 @@ def write_shards(splits: dict[str, tuple[datasets.Dataset, list[Piece]]], column
                              initargs=(tokenizer.to_str(),)) as pool:
         futures = [pool.submit(_write, splits[name][0], column, piece, dtype.name, eot)
                    for name, piece in todo]
-        for future in futures:
-            future.result()
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:  # the shards written so far are whole; the rest are not started
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 def read_plan(folder: Path) -> dict | None:
