@@ -156,6 +156,16 @@ class DataConfig:
 
 
 @dataclass
+class PrepareConfig:
+    num_proc: int = 1  # processes tokenizing shards at once (1: one process, the tokenizer's own threads)
+    shard_bytes: int = 100_000_000  # text per token shard, in UTF-8 bytes (whole documents; ~25M BPE tokens)
+
+    def validate(self) -> PrepareConfig:
+        check_positive("prepare", self, "num_proc", "shard_bytes")
+        return self
+
+
+@dataclass
 class OptimConfig:
     lr: float = 2e-3
     min_lr: float = 2e-4  # cosine decay ends here
@@ -345,6 +355,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)  # how minitx-prepare (or a first run) tokenizes
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -363,6 +374,7 @@ class TrainConfig:
         self.model.validate()
         self.tokenizer.validate()
         self.data.validate()
+        self.prepare.validate()
         self.trainer = global_batch(self.trainer, self.data.batch_size * self.model.block_size)
         self.trainer.validate()
         self.optim = self.optim.validate(self.trainer.max_steps)

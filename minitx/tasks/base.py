@@ -311,7 +311,7 @@ def token_stream(config: TrainConfig, encoder: bool, tokenizer: Tokenizer | None
     """The corpus as cached token streams (train, val) of at least one window each; `encoder`: the tokenizer gets
     the encoder's special tokens; `tokenizer`: use this one (a pretrained model's) instead of tokenizer.*."""
     data = prepare_data(config.data, config.tokenizer, config.model.block_size + 1, encoder=encoder,
-                        tokenizer=tokenizer)
+                        tokenizer=tokenizer, prepare_cfg=config.prepare)
     description = (data.description + " (token cache)" * data.from_cache +
                    f", {len(data.train):,} train / {len(data.val):,} val tokens")
     return Prepared(data, data.tokenizer, description)
