@@ -161,6 +161,14 @@ def _training_documents(train: datasets.IterableDataset, column: str,
                         batch_size=ENCODE_BATCH)
 
 
+def rank_documents(data: StreamingData, rank: int, world_size: int) -> datasets.IterableDataset:
+    """The training documents of one of `world_size` processes: whole files per rank when the number of files is a
+    multiple of the world size, else every world_size-th document (datasets' split_dataset_by_node)."""
+    from datasets.distributed import split_dataset_by_node
+
+    return split_dataset_by_node(data.train, rank=rank, world_size=world_size)
+
+
 class StreamWindows(IterableDataset):
     """(x, y, (worker, state)) batches of consecutive windows from this rank's (this worker's) documents, endless:
     at the end of the documents the stream starts over. `state`, the position after the batch (a pass number, the
@@ -258,10 +266,8 @@ class StreamDataModule(TokenDataModule):
         self.resume: dict[str, Any] | None = None
 
     def train_dataloader(self) -> StreamLoader:
-        from datasets.distributed import split_dataset_by_node
-
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        documents = split_dataset_by_node(self.data.train, rank=rank, world_size=world)
+        documents = rank_documents(self.data, rank, world)
         if self.cfg.num_workers > documents.num_shards:
             raise ConfigError(f"data.num_workers={self.cfg.num_workers}: this process's stream has "
                               f"{documents.num_shards} shard(s) (files) and a worker reads whole shards; set "
