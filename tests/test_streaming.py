@@ -15,6 +15,7 @@ import pytest
 from conftest import make_text
 from test_train import compose_config
 
+from minitx.checkpoint import read_checkpoint
 from minitx.config import DataConfig, TokenizerConfig
 from minitx.streaming import StreamingData, StreamWindows, prepare_stream, rank_documents
 from minitx.tokenizer import EOT
@@ -76,24 +77,42 @@ class RecordBatches(L.Callback):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])
-def test_killed_streaming_run_resumes_on_the_same_batches(tmp_path: Path, corpus: Path, workers: int) -> None:
+@pytest.mark.parametrize(("workers", "kill_at", "saved_at"), [(0, 13, 10), (2, 7, 5)])  # 2: worker 1 comes next
+def test_killed_streaming_run_resumes_on_the_same_batches(tmp_path: Path, corpus: Path, workers: int, kill_at: int,
+                                                          saved_at: int) -> None:
     overrides = [*RUN, f"data.path={corpus}", f"data.num_workers={workers}", f"data.cache_dir={tmp_path / 'cache'}"]
     straight = RecordBatches()
     train(parse_config(compose_config(*overrides)), tmp_path / "straight", callbacks=[straight])
     assert len(straight.hashes) == 16 and len(set(straight.hashes)) == 16
     assert np.mean(straight.losses[-4:]) < straight.losses[0] - 0.5  # it learns from the stream
 
-    killed = RecordBatches(kill_at=13)  # the last checkpoint is step 10's; with 2 workers, worker 0 comes next
-    with pytest.raises(RuntimeError, match="fault injected at step 13"):
+    killed = RecordBatches(kill_at=kill_at)  # checkpoints every 5 steps: the last one is step `saved_at`'s
+    with pytest.raises(RuntimeError, match=f"fault injected at step {kill_at}"):
         train(parse_config(compose_config(*overrides)), tmp_path / "killed", callbacks=[killed])
-    assert killed.hashes == straight.hashes[:13]
+    assert killed.hashes == straight.hashes[:kill_at]
+    assert read_checkpoint(tmp_path / "killed" / "checkpoints" / "last.ckpt")["global_step"] == saved_at
 
     resumed = RecordBatches()
     train(parse_config(compose_config(*overrides, f"resume={tmp_path / 'killed'}")), tmp_path / "resumed",
           callbacks=[resumed])
-    assert resumed.hashes == straight.hashes[10:]  # steps 11..16, the same windows as the uninterrupted run
+    assert resumed.hashes == straight.hashes[saved_at:]  # the same windows as the uninterrupted run
     assert resumed.losses[-1] == pytest.approx(straight.losses[-1], abs=1e-5)
+
+
+def test_resuming_the_windows_from_any_batch_continues_them_exactly(tmp_path: Path) -> None:
+    """The dataset class alone, on a corpus read about twice over in 40 batches: from the state saved after a batch
+    (inside a document, in the first pass or the second) the next batches are those of the straight run."""
+    write_corpus(tmp_path / "tiny", files=2, docs_per_file=15)
+    data = stream(tmp_path / "tiny", tmp_path / "cache", val_documents=5)
+    windows = StreamWindows(rank_documents(data, 0, 1), "text", data.tokenizer, block_size=16, batch_size=4)
+    batches = [b for _, b in zip(range(40), windows, strict=False)]
+    resume_at = (1, 7, 15, 26, 33)
+    assert {batches[k - 1][2][1]["pass"] for k in resume_at} == {0, 1}
+    for k in resume_at:
+        again = StreamWindows(rank_documents(data, 0, 1), "text", data.tokenizer, block_size=16, batch_size=4,
+                              resume={0: batches[k - 1][2][1]})
+        for (x, y, _), (x0, y0, _) in zip(again, batches[k:], strict=False):
+            assert np.array_equal(x, x0) and np.array_equal(y, y0), k
 
 
 def test_ranks_read_disjoint_documents(tmp_path: Path) -> None:
