@@ -4,6 +4,7 @@ disjoint documents, validation is fixed and never trained on, the loss falls, an
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ def documents_of(tokens: np.ndarray, data: StreamingData) -> set[str]:
     """The whole documents in a token sequence (those between two <|endoftext|>)."""
     eot = data.tokenizer.token_to_id(EOT)
     cuts = np.flatnonzero(tokens == eot)
-    return {data.tokenizer.decode(tokens[a + 1:b].tolist()) for a, b in zip(cuts, cuts[1:], strict=False)}
+    return {data.tokenizer.decode(tokens[a + 1:b].tolist()) for a, b in itertools.pairwise(cuts)}
 
 
 class RecordBatches(L.Callback):
