@@ -112,6 +112,12 @@ def prepare_stream(cfg: DataConfig, tok_cfg: TokenizerConfig, min_tokens: int, e
         else:
             import datasets
 
+            first = next(iter(train.take(1)), None)
+            if first is None:
+                raise DataError(f"{description}: the stream has no documents")
+            if cfg.text_column not in first:
+                raise DataError(f"data.text_column={cfg.text_column!r} is not a column of {description}; "
+                                f"its columns are {sorted(first)}")
             source = splits[cfg.val_split] if has_val else train
             val_texts = [row[cfg.text_column] for row in source.take(cfg.val_documents)]
             held_out = frozenset() if has_val else frozenset(document_key(t) for t in val_texts)
@@ -265,15 +271,19 @@ class StreamDataModule(TokenDataModule):
         self.loader: StreamLoader | None = None
         self.resume: dict[str, Any] | None = None
 
-    def train_dataloader(self) -> StreamLoader:
+    def setup(self, stage: str) -> None:
+        """This process's documents, and a check (before the first evaluation) that its workers each get a file."""
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        documents = rank_documents(self.data, rank, world)
-        if self.cfg.num_workers > documents.num_shards:
+        self.documents = rank_documents(self.data, rank, world)
+        if self.cfg.num_workers > self.documents.num_shards:
             raise ConfigError(f"data.num_workers={self.cfg.num_workers}: this process's stream has "
-                              f"{documents.num_shards} shard(s) (files) and a worker reads whole shards; set "
-                              f"data.num_workers<={documents.num_shards} or split the corpus into more files")
+                              f"{self.documents.num_shards} shard(s) (files) and a worker reads whole shards; set "
+                              f"data.num_workers<={self.documents.num_shards} or split the corpus into more files")
+
+    def train_dataloader(self) -> StreamLoader:
+        rank = self.trainer.global_rank if self.trainer else 0
         resume = self.resume["ranks"][rank] if self.resume else {}
-        windows = StreamWindows(documents, self.data.text_column, self.data.tokenizer, self.block_size,
+        windows = StreamWindows(self.documents, self.data.text_column, self.data.tokenizer, self.block_size,
                                 self.cfg.batch_size, resume)
         start = getattr(self.trainer.lightning_module, "batches_seen", 0) if self.trainer else 0
         self.loader = StreamLoader(windows, self.cfg.num_workers, start, pin_memory=torch.cuda.is_available())

@@ -18,6 +18,7 @@ from test_train import compose_config
 
 from minitx.checkpoint import read_checkpoint
 from minitx.config import DataConfig, TokenizerConfig
+from minitx.data import DataError
 from minitx.streaming import StreamingData, StreamWindows, prepare_stream, rank_documents
 from minitx.tokenizer import EOT
 from minitx.train import parse_config, train
@@ -47,9 +48,9 @@ def corpus(tmp_path: Path) -> Path:
     return tmp_path / "corpus"
 
 
-def stream(path: Path, cache: Path, **data: Any) -> StreamingData:
+def stream(path: Path, cache: Path, min_tokens: int = 33, **data: Any) -> StreamingData:
     cfg = DataConfig(path=str(path), streaming=True, cache_dir=str(cache), **{"val_documents": 40, **data}).validate()
-    return prepare_stream(cfg, TokenizerConfig(kind="char").validate(), min_tokens=33)
+    return prepare_stream(cfg, TokenizerConfig(kind="char").validate(), min_tokens=min_tokens)
 
 
 def documents_of(tokens: np.ndarray, data: StreamingData) -> set[str]:
@@ -163,3 +164,10 @@ def test_the_stream_is_never_held_whole(tmp_path: Path, corpus: Path) -> None:
     for _ in range(3):
         x, y, _ = next(windows)
         assert x.shape == y.shape == (4, 32) and bool((x[:, 1:] == y[:, :-1]).all())
+
+
+def test_a_wrong_column_or_too_little_validation_text_is_one_line(tmp_path: Path, corpus: Path) -> None:
+    with pytest.raises(DataError, match=r"data\.text_column='body' is not a column of .*; its columns are \['text'\]"):
+        stream(corpus, tmp_path / "cache", text_column="body")
+    with pytest.raises(DataError, match=r"data\.val_documents=1 documents make \d+ tokens, fewer than model\.block"):
+        stream(corpus, tmp_path / "cache", min_tokens=1025, val_documents=1)  # model.block_size=1024
