@@ -19,7 +19,7 @@ import json
 import logging
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -230,8 +230,11 @@ class StreamLoader:
     stream state after each batch so that a checkpoint records the position after the last batch trained on, not
     after the ones Lightning or the DataLoader fetched ahead."""
 
-    def __init__(self, windows: StreamWindows, num_workers: int, start: int, pin_memory: bool = False):
+    def __init__(self, windows: StreamWindows, num_workers: int, start: int, trained: Callable[[], int],
+                 pin_memory: bool = False):
+        """`start`: batches drawn before (a resumed run's); `trained()`: batches trained on so far."""
         self.windows, self.num_workers, self.start, self.pin_memory = windows, num_workers, start, pin_memory
+        self.trained = trained
         self.committed: dict[int, dict[str, Any]] = dict(windows.resume)  # per worker, after the batches trained on
         self.pending: deque[tuple[int, int, dict[str, Any]]] = deque()  # (batch number, worker, state after it)
 
@@ -247,16 +250,20 @@ class StreamLoader:
             while waiting[n % workers]:  # a resumed run's first batch is worker start % workers's, not worker 0's
                 x, y, state = waiting[n % workers].popleft()
                 self.pending.append((n + 1, n % workers, state))
+                self.commit(self.trained())  # keeps `pending` as short as the batches fetched ahead
                 n += 1
                 if self.pin_memory and self.num_workers == 0:
                     x, y = x.pin_memory(), y.pin_memory()
                 yield x, y
 
-    def state_at(self, batches_seen: int) -> dict[int, dict[str, Any]]:
-        """Each worker's position after the first `batches_seen` batches of the run."""
+    def commit(self, batches_seen: int) -> None:
         while self.pending and self.pending[0][0] <= batches_seen:
             _, worker, state = self.pending.popleft()
             self.committed[worker] = state
+
+    def state_at(self, batches_seen: int) -> dict[int, dict[str, Any]]:
+        """Each worker's position after the first `batches_seen` batches of the run."""
+        self.commit(batches_seen)
         return {w: s | {"leftover": torch.from_numpy(np.asarray(s["leftover"]))} for w, s in self.committed.items()}
 
 
@@ -285,8 +292,9 @@ class StreamDataModule(TokenDataModule):
         resume = self.resume["ranks"][rank] if self.resume else {}
         windows = StreamWindows(self.documents, self.data.text_column, self.data.tokenizer, self.block_size,
                                 self.cfg.batch_size, resume)
-        start = getattr(self.trainer.lightning_module, "batches_seen", 0) if self.trainer else 0
-        self.loader = StreamLoader(windows, self.cfg.num_workers, start, pin_memory=torch.cuda.is_available())
+        module = self.trainer.lightning_module if self.trainer else None
+        self.loader = StreamLoader(windows, self.cfg.num_workers, getattr(module, "batches_seen", 0),
+                                   lambda: getattr(module, "batches_seen", 0), pin_memory=torch.cuda.is_available())
         return self.loader
 
     def state_dict(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from test_train import compose_config
 from minitx.checkpoint import read_checkpoint
 from minitx.config import DataConfig, TokenizerConfig
 from minitx.data import DataError
-from minitx.streaming import StreamingData, StreamWindows, prepare_stream, rank_documents
+from minitx.streaming import StreamingData, StreamLoader, StreamWindows, prepare_stream, rank_documents
 from minitx.tokenizer import EOT
 from minitx.train import parse_config, train
 
@@ -171,3 +171,25 @@ def test_a_wrong_column_or_too_little_validation_text_is_one_line(tmp_path: Path
         stream(corpus, tmp_path / "cache", text_column="body")
     with pytest.raises(DataError, match=r"data\.val_documents=1 documents make \d+ tokens, fewer than model\.block"):
         stream(corpus, tmp_path / "cache", min_tokens=1025, val_documents=1)  # model.block_size=1024
+
+
+def test_the_loader_saves_the_position_after_the_batches_trained_on(tmp_path: Path, corpus: Path) -> None:
+    """Lightning fetches a batch ahead of the one it trains on: the saved position is the trained one's, and the
+    loader holds no more positions than the batches fetched ahead (not one per batch of the run)."""
+    data = stream(corpus, tmp_path / "cache")
+
+    def windows() -> StreamWindows:
+        return StreamWindows(rank_documents(data, 0, 1), "text", data.tokenizer, block_size=32, batch_size=4)
+
+    straight = [state for _, (_, _, (_, state)) in zip(range(30), windows(), strict=False)]
+    trained = 0
+    loader = StreamLoader(windows(), num_workers=0, start=0, trained=lambda: trained)
+    batches = iter(loader)
+    next(batches)
+    for _ in range(29):
+        next(batches)  # fetched ahead
+        trained += 1  # the previous batch is trained on
+        assert len(loader.pending) <= 2
+        saved = loader.state_at(trained)[0]
+        assert saved["source"] == straight[trained - 1]["source"]
+        assert np.array_equal(saved["leftover"].numpy(), straight[trained - 1]["leftover"])
