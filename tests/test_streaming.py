@@ -190,6 +190,8 @@ def test_the_loader_saves_the_position_after_the_batches_trained_on(tmp_path: Pa
         next(batches)  # fetched ahead
         trained += 1  # the previous batch is trained on
         assert len(loader.pending) <= 2
+        if trained % 10:
+            continue  # a checkpoint every 10 batches
         saved = loader.state_at(trained)[0]
         assert saved["source"] == straight[trained - 1]["source"]
         assert np.array_equal(saved["leftover"].numpy(), straight[trained - 1]["leftover"])
