@@ -195,3 +195,17 @@ def test_the_loader_saves_the_position_after_the_batches_trained_on(tmp_path: Pa
         saved = loader.state_at(trained)[0]
         assert saved["source"] == straight[trained - 1]["source"]
         assert np.array_equal(saved["leftover"].numpy(), straight[trained - 1]["leftover"])
+
+
+def test_the_tokenizer_learns_from_the_start_of_the_training_stream_only(tmp_path: Path) -> None:
+    """Char-level, so its vocabulary shows what it read: not the held-out first document ("Ω"), not past
+    tokenizer.sample_chars ("Ж" in the last document)."""
+    docs = write_corpus(tmp_path / "c", files=1, docs_per_file=60)
+    docs[0], docs[-1] = docs[0] + " Ω", docs[-1] + " Ж"
+    (tmp_path / "c" / "part-0.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cfg = DataConfig(path=str(tmp_path / "c"), streaming=True, cache_dir=str(tmp_path / "cache"), val_documents=1)
+    data = prepare_stream(cfg.validate(), TokenizerConfig(kind="char", sample_chars=2000).validate(), min_tokens=33)
+    vocab = data.tokenizer.get_vocab()
+    assert "Ω" not in vocab and data.tokenizer.token_to_id("[UNK]") in data.val.tokens  # validated on, unseen
+    assert "Ж" not in vocab and "t" in vocab
+    assert any("Ж" in row["text"] for row in data.train)  # it is trained on, as [UNK]
