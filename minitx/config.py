@@ -140,16 +140,20 @@ class DataConfig:
     val_batches: int = 40  # fixed, evenly spaced windows evaluated each time: val numbers compare across runs
     document_mask: bool = False  # no attention across <|endoftext|> inside a window (packed documents)
     mlm_probability: float = 0.15  # task=masked_lm: share of tokens chosen (80% [MASK], 10% random, 10% kept)
-    streaming: bool = False  # stream data.path / data.hub_id and read only its first max_documents per split
-    max_documents: int = 0  # with streaming: how many documents of each split to read
+    streaming: bool = False  # train from a stream of data.path / data.hub_id, tokenized as read (docs/streaming.md)
+    max_documents: int = 0  # with streaming: read at most this many training documents (0: the whole stream)
+    val_documents: int = 1000  # with streaming: validation documents: data.val_split's first, else the stream's first
+    num_workers: int = 0  # with streaming: DataLoader worker processes tokenizing the stream (at most one per file)
     cache_dir: str | None = None  # token-stream cache; default $MINITX_CACHE or ~/.cache/minitx
 
     def validate(self) -> DataConfig:
         check_positive("data", self, "batch_size", "val_batches")
         if not 0.0 < self.mlm_probability < 1.0:
             fail("data.mlm_probability", self.mlm_probability, "must be in (0, 1); BERT uses 0.15")
-        if self.streaming and self.max_documents <= 0:
-            fail("data.max_documents", self.max_documents, "data.streaming=true needs a limit > 0 (per split)")
+        check_positive("data", self, "val_documents")
+        for key in ("max_documents", "num_workers"):
+            if getattr(self, key) < 0:
+                fail(f"data.{key}", getattr(self, key), "must be >= 0")
         if not 0.0 < self.val_fraction < 1.0:
             fail("data.val_fraction", self.val_fraction, "must be in (0, 1)")
         return self

@@ -41,6 +41,15 @@ class TokenDataModule(L.LightningDataModule):
         return DataLoader(Subset(windows, share), batch_size=None, pin_memory=torch.cuda.is_available())
 
 
+def token_data_module(data: PreparedData, cfg: DataConfig, block_size: int, seed: int) -> TokenDataModule:
+    """The data module of a token-stream task: a streamed corpus's (data.streaming) or a cached stream's."""
+    if cfg.streaming:
+        from minitx.streaming import StreamDataModule
+
+        return StreamDataModule(data, cfg, block_size, seed)  # type: ignore[arg-type]
+    return TokenDataModule(data, cfg, block_size, seed)
+
+
 class LabelledDataModule(L.LightningDataModule):
     def __init__(self, data: LabelledData, cfg: DataConfig, pad_id: int, seed: int):
         super().__init__()

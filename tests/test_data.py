@@ -143,11 +143,14 @@ def test_streaming_reads_only_the_first_documents(tmp_path: Path) -> None:
     assert more.cache_dir != data.cache_dir
 
 
-def test_streaming_needs_a_limit() -> None:
+def test_streaming_needs_no_limit_but_checks_its_keys() -> None:
     from minitx.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"data\.max_documents=0: data\.streaming=true needs a limit"):
-        DataConfig(path="x", streaming=True).validate()
+    DataConfig(path="x", streaming=True).validate()  # max_documents=0: the whole stream
+    with pytest.raises(ConfigError, match=r"data\.val_documents=0: must be > 0"):
+        DataConfig(path="x", streaming=True, val_documents=0).validate()
+    with pytest.raises(ConfigError, match=r"data\.num_workers=-1: must be >= 0"):
+        DataConfig(path="x", streaming=True, num_workers=-1).validate()
 
 
 def test_directory_keeps_every_file_and_holds_out_only_validation_files(tmp_path: Path) -> None:

@@ -309,7 +309,14 @@ class Task(L.LightningModule):
 
 def token_stream(config: TrainConfig, encoder: bool, tokenizer: Tokenizer | None = None) -> Prepared:
     """The corpus as cached token streams (train, val) of at least one window each; `encoder`: the tokenizer gets
-    the encoder's special tokens; `tokenizer`: use this one (a pretrained model's) instead of tokenizer.*."""
+    the encoder's special tokens; `tokenizer`: use this one (a pretrained model's) instead of tokenizer.*. With
+    data.streaming, the training stream is read as it trains (minitx.streaming); only validation is tokenized here."""
+    if config.data.streaming:
+        from minitx.streaming import prepare_stream
+
+        stream = prepare_stream(config.data, config.tokenizer, config.model.block_size + 1, encoder=encoder,
+                                tokenizer=tokenizer)
+        return Prepared(stream, stream.tokenizer, f"{stream.description}, {len(stream.val):,} val tokens")
     data = prepare_data(config.data, config.tokenizer, config.model.block_size + 1, encoder=encoder,
                         tokenizer=tokenizer, prepare_cfg=config.prepare)
     description = (data.description + " (token cache)" * data.from_cache +
