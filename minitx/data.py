@@ -94,27 +94,16 @@ def builtin_corpus_files() -> list[Path]:
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
-    import datasets
+    """The corpus to pre-tokenize into shards (data.streaming=true runs read it through minitx.streaming instead)."""
+    import dataclasses
 
-    splits, description = load_splits(cfg)
-    if cfg.streaming:  # read the first data.max_documents of each split, never the whole dataset
-        try:
-            splits = {name: datasets.Dataset.from_list(list(split.take(cfg.max_documents)))
-                      for name, split in splits.items()}
-        except Exception as e:  # a stream reads its files only now
-            if cfg.path is None:
-                raise
-            raise _read_error(cfg.path, cfg.val_split, e) from e
-        description += f", first {cfg.max_documents} documents (streamed)"
+    splits, description = load_splits(dataclasses.replace(cfg, streaming=False))
     train = splits["train"] if "train" in splits else splits[next(iter(splits))]
     val = splits.get(cfg.val_split)
     for name, split in (("train", train), (cfg.val_split, val)):
         if split is not None:
             check_text(cfg, name, split, description)
-    if cfg.streaming:  # an in-memory dataset's fingerprint is random: name the source instead
-        parts = [_source_fingerprint(cfg), cfg.val_split if val is not None else "held-out", cfg.text_column]
-    else:
-        parts = [train._fingerprint, val._fingerprint if val is not None else "held-out", cfg.text_column]
+    parts = [train._fingerprint, val._fingerprint if val is not None else "held-out", cfg.text_column]
     if val is None:
         parts.append(str(cfg.val_fraction))
     return Corpus(train, val, cfg.text_column, "-".join(parts), description)

@@ -131,18 +131,6 @@ def test_hub_without_network_fails_fast(tmp_path: Path, env: dict[str, str]) -> 
     assert "data.path=" in line
 
 
-def test_streaming_reads_only_the_first_documents(tmp_path: Path) -> None:
-    path = tmp_path / "docs.jsonl"
-    path.write_text("\n".join(json.dumps({"text": f"doc {i}"}) for i in range(500)))
-    data = prepare(tmp_path, path=str(path), streaming=True, max_documents=100)
-    assert not data.from_cache and "first 100 documents (streamed)" in data.description
-    assert len(data.train) + len(data.val) == sum(len(f"doc {i}") + 1 for i in range(100))
-    again = prepare(tmp_path, path=str(path), streaming=True, max_documents=100)
-    assert again.from_cache and again.cache_dir == data.cache_dir
-    more = prepare(tmp_path, path=str(path), streaming=True, max_documents=200)
-    assert more.cache_dir != data.cache_dir
-
-
 def test_streaming_needs_no_limit_but_checks_its_keys() -> None:
     from minitx.config import ConfigError
 
