@@ -17,14 +17,18 @@ from lightning.pytorch.profilers import PassThroughProfiler
 
 
 class TrainingMetrics(L.Callback):
-    """Every `every` optimizer steps: `train/loss` (the last batch's), `lr`, `grad_norm` (the last step's global
-    gradient norm before clipping), `tokens_per_sec` (all ranks together), `mfu` (model FLOP/s over the device's
-    peak; `peak` None measures or looks it up at the start, 0 turns it off) and `time` (wall seconds of training,
-    so curves can be drawn against it), written to the loggers at that step and shown by ProgressBar.
+    """Every `every` optimizer steps: `train/loss` (the last optimizer step's: the mean over its accumulated
+    batches and over the processes, so N processes log what one process accumulating N batches logs), `lr`,
+    `grad_norm` (the last step's global gradient norm before clipping), `tokens_per_sec` (every batch of every
+    rank: the effective batch, batch_size x block_size x accumulation x processes, per step), `mfu` (model FLOP/s
+    over the devices' peak; `peak` None measures or looks it up at the start, 0 turns it off) and `time` (wall
+    seconds of training, so curves can be drawn against it), written to the loggers at that step and shown by
+    ProgressBar.
 
     Not through `self.log`: once a value has been logged in training, Lightning re-reads it after every later
     batch and calls .item() on the progress-bar ones, a host sync on every step of a GPU run (and ~50 us a step
-    on a CPU). Here the only syncs are one float() per interval for the loss and one for the gradient norm.
+    on a CPU). Here the only syncs are one float() per interval for the loss (under DDP after one all-reduce) and
+    one for the gradient norm.
 
     `time` counts from on_train_start (after the initial evaluation, which is at time 0). It is saved in
     checkpoints, so a resumed run continues from the time it was saved at: the pause between is not counted."""
@@ -75,7 +79,11 @@ class TrainingMetrics(L.Callback):
         self._logged_step = step
         now = time.perf_counter()
         per_sec = self._tokens * trainer.world_size / (now - self._t0)
-        metrics = {"train/loss": float(outputs["loss"]), "lr": trainer.optimizers[0].param_groups[0]["lr"],
+        loss = getattr(pl_module, "step_loss", None)
+        loss = (outputs["loss"] if loss is None else loss).detach().clone()
+        if trainer.world_size > 1:  # one collective per interval, on every rank (all reach this step together)
+            loss = trainer.strategy.reduce(loss, reduce_op="mean")
+        metrics = {"train/loss": float(loss), "lr": trainer.optimizers[0].param_groups[0]["lr"],
                    "tokens_per_sec": per_sec}
         if getattr(pl_module, "grad_norm", None) is not None:
             metrics["grad_norm"] = float(pl_module.grad_norm)

@@ -140,18 +140,32 @@ class DataConfig:
     val_batches: int = 40  # fixed, evenly spaced windows evaluated each time: val numbers compare across runs
     document_mask: bool = False  # no attention across <|endoftext|> inside a window (packed documents)
     mlm_probability: float = 0.15  # task=masked_lm: share of tokens chosen (80% [MASK], 10% random, 10% kept)
-    streaming: bool = False  # stream data.path / data.hub_id and read only its first max_documents per split
-    max_documents: int = 0  # with streaming: how many documents of each split to read
+    streaming: bool = False  # train from a stream of data.path / data.hub_id, tokenized as read (docs/streaming.md)
+    max_documents: int = 0  # with streaming: read at most this many training documents (0: the whole stream)
+    val_documents: int = 1000  # with streaming: validation documents: data.val_split's first, else the stream's first
+    num_workers: int = 0  # with streaming: DataLoader worker processes tokenizing the stream (at most one per file)
     cache_dir: str | None = None  # token-stream cache; default $MINITX_CACHE or ~/.cache/minitx
 
     def validate(self) -> DataConfig:
         check_positive("data", self, "batch_size", "val_batches")
         if not 0.0 < self.mlm_probability < 1.0:
             fail("data.mlm_probability", self.mlm_probability, "must be in (0, 1); BERT uses 0.15")
-        if self.streaming and self.max_documents <= 0:
-            fail("data.max_documents", self.max_documents, "data.streaming=true needs a limit > 0 (per split)")
+        check_positive("data", self, "val_documents")
+        for key in ("max_documents", "num_workers"):
+            if getattr(self, key) < 0:
+                fail(f"data.{key}", getattr(self, key), "must be >= 0")
         if not 0.0 < self.val_fraction < 1.0:
             fail("data.val_fraction", self.val_fraction, "must be in (0, 1)")
+        return self
+
+
+@dataclass
+class PrepareConfig:
+    num_proc: int = 1  # processes tokenizing shards at once (1: one process, the tokenizer's own threads)
+    shard_bytes: int = 100_000_000  # text per token shard, in UTF-8 bytes (whole documents; ~25M BPE tokens)
+
+    def validate(self) -> PrepareConfig:
+        check_positive("prepare", self, "num_proc", "shard_bytes")
         return self
 
 
@@ -212,10 +226,11 @@ class TrainerConfig:
     strategy: str = "auto"
     precision: str = "32-true"  # bf16-mixed on GPUs with bf16; slower on CPUs without it
     max_steps: int = 1500
-    val_check_interval: int = 250  # training batches between evaluations
+    val_check_interval: int = 250  # optimizer steps between evaluations (whatever the accumulation)
     log_every_n_steps: int = 25
     gradient_clip_val: float = 1.0
-    accumulate_grad_batches: int = 1
+    accumulate_grad_batches: int = 1  # batches per optimizer step on each process (derived when tokens_per_step>0)
+    tokens_per_step: int = 0  # global batch: tokens per optimizer step, all processes (0: from accumulate_grad_batches)
     enable_progress_bar: bool = True
 
     def validate(self) -> TrainerConfig:
@@ -231,19 +246,33 @@ class TrainerConfig:
                  "use bf16-mixed")
         if self.gradient_clip_val < 0:
             fail("trainer.gradient_clip_val", self.gradient_clip_val, "must be >= 0 (0 disables clipping)")
-        if self.val_check_interval % self.accumulate_grad_batches:  # a checkpoint there would lose the gradients
-            n, every = self.accumulate_grad_batches, self.val_check_interval
-            raise ConfigError(f"trainer.val_check_interval={every} is not a multiple of trainer.accumulate_grad_batches"
-                              f"={n}: evaluations (and their checkpoints) would fall inside an accumulation window; "
-                              f"set trainer.val_check_interval={-(-every // n) * n}")
         return self
+
+    @property
+    def on_gpu(self) -> bool:
+        import torch
+
+        return self.accelerator in ("gpu", "cuda") or (self.accelerator == "auto" and torch.cuda.device_count() > 0)
+
+    def world_size(self) -> int:
+        """The number of training processes: devices per node (parsed by Lightning's own accelerator classes, as the
+        Trainer parses them) times num_nodes."""
+        from lightning.fabric.accelerators import CPUAccelerator, CUDAAccelerator
+
+        accelerator = CUDAAccelerator if self.on_gpu else CPUAccelerator
+        try:
+            devices = accelerator.auto_device_count() if self.devices == "auto" else self.devices
+            parsed = accelerator.parse_devices(devices)
+        except Exception as e:  # Lightning's own message says what it accepts
+            fail("trainer.devices", self.devices, str(e))
+        return (len(parsed) if isinstance(parsed, list) else int(parsed)) * self.num_nodes
 
     def _check_device(self) -> None:
         """Refuse what the machine cannot run, before Lightning fails (or silently does something else)."""
         import torch
 
         gpus = torch.cuda.device_count()
-        on_gpu = self.accelerator in ("gpu", "cuda") or (self.accelerator == "auto" and gpus > 0)
+        on_gpu = self.on_gpu
         if self.accelerator in ("gpu", "cuda") and gpus == 0:
             fail("trainer.accelerator", self.accelerator, "no CUDA GPU here; use trainer.accelerator=cpu (or auto)")
         if on_gpu and isinstance(self.devices, int) and self.devices > gpus:
@@ -334,6 +363,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)  # how minitx-prepare (or a first run) tokenizes
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -352,6 +382,8 @@ class TrainConfig:
         self.model.validate()
         self.tokenizer.validate()
         self.data.validate()
+        self.prepare.validate()
+        self.trainer = global_batch(self.trainer, self.data.batch_size * self.model.block_size)
         self.trainer.validate()
         self.optim = self.optim.validate(self.trainer.max_steps)
         self.logger.validate()
@@ -370,6 +402,27 @@ class TrainConfig:
             fail("guard.on_nonfinite", "skip", "not with trainer.precision=16-mixed, whose grad scaler already skips "
                  "steps that overflow; use guard.on_nonfinite=stop")
         return self
+
+
+def global_batch(trainer: TrainerConfig, tokens_per_batch: int) -> TrainerConfig:
+    """`trainer` with accumulate_grad_batches derived from tokens_per_step (as nanochat does): a run states its global
+    batch in tokens per optimizer step, and the same experiment then takes the same optimizer steps on 1 process or
+    N (batch_size x block_size tokens per batch on each process). tokens_per_step=0: the accumulation as set."""
+    if trainer.tokens_per_step < 0:
+        fail("trainer.tokens_per_step", trainer.tokens_per_step, "must be >= 0 (0: from accumulate_grad_batches)")
+    if trainer.tokens_per_step == 0:
+        return trainer
+    per_round = tokens_per_batch * trainer.world_size()  # one batch on every process
+    accumulate, rest = divmod(trainer.tokens_per_step, per_round)
+    if rest or not accumulate:
+        near = sorted({max(1, accumulate) * per_round, (accumulate + 1) * per_round})
+        fail("trainer.tokens_per_step", trainer.tokens_per_step,
+             f"must be a multiple of data.batch_size x model.block_size x processes = {per_round:,}; nearest: "
+             + " or ".join(str(n) for n in near))
+    if trainer.accumulate_grad_batches not in (1, accumulate):
+        fail("trainer.accumulate_grad_batches", trainer.accumulate_grad_batches,
+             f"trainer.tokens_per_step={trainer.tokens_per_step} sets it ({accumulate} here); leave it at 1")
+    return dataclasses.replace(trainer, accumulate_grad_batches=accumulate)
 
 
 T = TypeVar("T")

@@ -62,6 +62,13 @@ GROUP_FILES: dict[str, tuple[str, Any]] = {
     "trainer/default.yaml": ("Passed to lightning.Trainer under the same names; gradient_clip_val and "
                              "accumulate_grad_batches are applied\n# by minitx's own optimizer step "
                              "(minitx.tasks.Task), with the same meaning.", TrainerConfig()),
+    "trainer/ddp.yaml": ("Data parallel (DDP): one process per device, gradients all-reduced; multi-node: "
+                         "trainer.num_nodes=N under torchrun or srun\n# (docs/distributed.md). With "
+                         "trainer.tokens_per_step set, the optimizer steps do not depend on the number of processes.",
+                         TrainerConfig(strategy="ddp", devices="auto")),
+    "trainer/fsdp.yaml": ("Fully sharded data parallel (FSDP2 through Lightning's ModelParallelStrategy): parameters, "
+                          "gradients and optimizer\n# state sharded over the processes; launched and sized as "
+                          "trainer=ddp (docs/distributed.md).", TrainerConfig(strategy="fsdp", devices="auto")),
     "logger/wandb.yaml": ("Weights & Biases, offline unless an API key is set and the server answers "
                           "(sync later: wandb sync outputs/...).", LoggerConfig(kind="wandb")),
     "logger/csv.yaml": ("metrics.csv in the run directory.", LoggerConfig(kind="csv")),

@@ -1,10 +1,11 @@
-"""Corpora through Hugging Face `datasets`, tokenized once into cached token streams, served as windows.
+"""Corpora through Hugging Face `datasets`, tokenized once into cached token shards, served as windows.
 
-A corpus (Hub dataset, local files, or the built-in one) is tokenized with a batched `map`, its documents
-joined by the end-of-text token into one stream, and the stream cached as a numpy memmap keyed by the
-corpus fingerprint and the tokenizer, so a second run reads it back without tokenizing. Training batches
-are random windows drawn with a generator seeded by (seed, rank, step): resuming at a step or adding a
-rank needs no state beyond those three numbers.
+A corpus (Hub dataset, local files, or the built-in one) is tokenized piece by piece (minitx.shards), its
+documents joined by the end-of-text token, into token shards plus a manifest in a cache directory keyed by the
+corpus fingerprint and the tokenizer, so a second run (or `minitx-prepare` beforehand) reads them back without
+tokenizing; memory stays flat whatever the corpus size, and an interrupted preparation resumes. Training batches
+are random windows drawn with a generator seeded by (seed, global batch index): resuming at a step or adding a
+rank needs no state beyond those numbers, and N processes draw what one process accumulating N batches draws.
 """
 
 from __future__ import annotations
@@ -28,7 +29,20 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from minitx.config import DataConfig, MinitxError, TokenizerConfig, fail
+from minitx.config import DataConfig, MinitxError, PrepareConfig, TokenizerConfig, fail
+from minitx.shards import (
+    MANIFEST,
+    PLAN,
+    ShardedTokens,
+    document_parts,
+    plan_pieces,
+    read_plan,
+    released_chunks,
+    text_column,
+    token_dtype,
+    write_json,
+    write_shards,
+)
 from minitx.tokenizer import EOT, build_tokenizer, id_limit, tokenizer_hash, tokenizer_spec
 
 if TYPE_CHECKING:
@@ -55,7 +69,8 @@ class DataError(MinitxError):
 
 # part of the token cache's key: changed whenever what goes into the cache changes, so no old cache is read back
 # 2: the held-out slice is cut from the text before the tokenizer is trained; token dtype from the largest id
-TOKEN_CACHE_FORMAT = 2
+# 3: token shards and a manifest (minitx.shards)
+TOKEN_CACHE_FORMAT = 3
 
 # file suffix -> `datasets` builder
 BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text",
@@ -79,27 +94,16 @@ def builtin_corpus_files() -> list[Path]:
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
-    import datasets
+    """The corpus to pre-tokenize into shards (data.streaming=true runs read it through minitx.streaming instead)."""
+    import dataclasses
 
-    splits, description = load_splits(cfg)
-    if cfg.streaming:  # read the first data.max_documents of each split, never the whole dataset
-        try:
-            splits = {name: datasets.Dataset.from_list(list(split.take(cfg.max_documents)))
-                      for name, split in splits.items()}
-        except Exception as e:  # a stream reads its files only now
-            if cfg.path is None:
-                raise
-            raise _read_error(cfg.path, cfg.val_split, e) from e
-        description += f", first {cfg.max_documents} documents (streamed)"
+    splits, description = load_splits(dataclasses.replace(cfg, streaming=False))
     train = splits["train"] if "train" in splits else splits[next(iter(splits))]
     val = splits.get(cfg.val_split)
     for name, split in (("train", train), (cfg.val_split, val)):
         if split is not None:
             check_text(cfg, name, split, description)
-    if cfg.streaming:  # an in-memory dataset's fingerprint is random: name the source instead
-        parts = [_source_fingerprint(cfg), cfg.val_split if val is not None else "held-out", cfg.text_column]
-    else:
-        parts = [train._fingerprint, val._fingerprint if val is not None else "held-out", cfg.text_column]
+    parts = [train._fingerprint, val._fingerprint if val is not None else "held-out", cfg.text_column]
     if val is None:
         parts.append(str(cfg.val_fraction))
     return Corpus(train, val, cfg.text_column, "-".join(parts), description)
@@ -258,13 +262,14 @@ def check_text(cfg: DataConfig, name: str, split: datasets.Dataset, description:
     if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
         return
     try:
-        values.validate(full=True)
+        for chunk in released_chunks(values):  # (a corpus larger than memory: see drop_mapped_pages)
+            chunk.validate(full=True)
     except pa.ArrowInvalid as e:
         if cfg.path is None:
             raise DataError(f"data.hub_id={cfg.hub_id!r}: the {name} split holds text that is not UTF-8 ({e}); "
                             "choose another dataset") from None
         raise _read_error(cfg.path, cfg.val_split, e) from None
-    if not pc.any(pc.match_substring_regex(values, r"\S")).as_py():
+    if not any(pc.any(pc.match_substring_regex(chunk, r"\S")).as_py() for chunk in released_chunks(values)):
         raise DataError(_no_text_message(cfg, name))
 
 
@@ -331,35 +336,12 @@ def _load_hub(cfg: DataConfig) -> datasets.DatasetDict | datasets.IterableDatase
         raise DataError(f"data.hub_id={cfg.hub_id!r}: {where} ({reason[:200]}); {advice}") from None
 
 
-class TokenStream:
-    """One long sequence of token ids on disk, read through a memmap."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        meta = json.loads(path.with_suffix(".json").read_text())
-        dtype = np.dtype(meta["dtype"])
-        # an empty file cannot be mapped; the caller refuses a stream shorter than a window
-        self.tokens = np.memmap(path, dtype=dtype, mode="r", shape=(meta["length"],)) if meta["length"] else \
-            np.empty(0, dtype=dtype)
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    @staticmethod
-    def write(path: Path, tokens: np.ndarray) -> TokenStream:
-        """Write atomically: a reader sees the whole stream or none of it."""
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tokens.tofile(tmp)
-        os.replace(tmp, path)
-        meta_tmp = path.with_suffix(f".json.tmp{os.getpid()}")
-        meta_tmp.write_text(json.dumps({"dtype": tokens.dtype.name, "length": len(tokens)}))
-        os.replace(meta_tmp, path.with_suffix(".json"))
-        return TokenStream(path)
+class TokenStream(ShardedTokens):
+    """A split's token ids on disk (its shards, minitx.shards), served as windows for training."""
 
     def windows(self, starts: np.ndarray, length: int) -> torch.Tensor:
-        """(len(starts), length) int64 tensor of the windows starting at `starts`, gathered in one indexing."""
-        idx = starts[:, None] + np.arange(length)
-        return torch.from_numpy(self.tokens[idx].astype(np.int64))
+        """(len(starts), length) int64 tensor of the windows starting at global positions `starts`."""
+        return torch.from_numpy(self.gather(starts, length).astype(np.int64))
 
 
 @dataclass
@@ -377,41 +359,36 @@ def default_cache_dir() -> Path:
 
 
 def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, min_tokens: int, encoder: bool = False,
-                 tokenizer: Tokenizer | None = None) -> PreparedData:
-    """Load the corpus, train or load the tokenizer (or use `tokenizer`), and tokenize into cached streams (once
-    per corpus). `encoder`: the tokenizer gets [PAD] [MASK] [CLS] [SEP]."""
+                 tokenizer: Tokenizer | None = None, prepare_cfg: PrepareConfig | None = None) -> PreparedData:
+    """Load the corpus, train or load the tokenizer (or use `tokenizer`), and tokenize it into token shards in the
+    cache (once per corpus and tokenizer; see write_cache). `encoder`: the tokenizer gets [PAD] [MASK] [CLS] [SEP]."""
+    from filelock import FileLock
+
     corpus = load_corpus(data_cfg)
     spec = tokenizer_hash(tokenizer) if tokenizer is not None else tokenizer_spec(tok_cfg, encoder)
     key = hashlib.sha256(f"{corpus.fingerprint}|{spec}|{TOKEN_CACHE_FORMAT}".encode()).hexdigest()[:20]
-    cache = Path(data_cfg.cache_dir) if data_cfg.cache_dir else default_cache_dir()
-    cache = cache / key
-    done = cache / "done.json"
-    if done.exists():
-        from tokenizers import Tokenizer
+    root = Path(data_cfg.cache_dir) if data_cfg.cache_dir else default_cache_dir()
+    cache = root / key
+    from_cache = (cache / MANIFEST).exists()
+    if not from_cache:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(root / f"{key}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except TimeoutError:  # another process (a DDP rank, a second minitx-prepare) is preparing it: wait, read
+            log.info("waiting for another process preparing %s into %s", corpus.description, cache)
+            lock.acquire()
+        try:
+            from_cache = (cache / MANIFEST).exists()
+            if not from_cache:
+                write_cache(cache, corpus, data_cfg, tok_cfg, encoder, tokenizer, prepare_cfg or PrepareConfig())
+        finally:
+            lock.release()
+    manifest = json.loads((cache / MANIFEST).read_text())
+    from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_file(str(cache / "tokenizer.json"))  # type: ignore[no-redef]
-        train, val = TokenStream(cache / "train.bin"), TokenStream(cache / "val.bin")
-        from_cache = True
-    else:
-        cache.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        train_texts, val_texts, cut_inside = corpus.train, corpus.val, False
-        if val_texts is None:  # held out before the tokenizer is trained: it must learn nothing from that text
-            train_texts, val_texts, cut_inside = hold_out_tail(corpus.train, corpus.text_column,
-                                                               data_cfg.val_fraction)
-        if tokenizer is None:
-            tokenizer = build_tokenizer(tok_cfg, _texts(train_texts, corpus.text_column), encoder)
-        train_tokens = tokenize_documents(train_texts, corpus.text_column, tokenizer, last_ends=not cut_inside)
-        val_tokens = tokenize_documents(val_texts, corpus.text_column, tokenizer)
-        tmp = cache / f"tokenizer.json.tmp{os.getpid()}"
-        tokenizer.save(str(tmp))
-        os.replace(tmp, cache / "tokenizer.json")
-        train = TokenStream.write(cache / "train.bin", train_tokens)
-        val = TokenStream.write(cache / "val.bin", val_tokens)
-        done.write_text(json.dumps({"tokenizer": tokenizer_hash(tokenizer), "source": corpus.description}))
-        log.info("tokenized %s into %d + %d tokens in %.1f s", corpus.description, len(train), len(val),
-                 time.perf_counter() - t0)
-        from_cache = False
+    tokenizer = Tokenizer.from_file(str(cache / "tokenizer.json"))
+    train, val = (TokenStream.from_manifest(cache, manifest["splits"][name]) for name in ("train", "val"))
     for name, stream in (("training", train), ("validation", val)):
         if len(stream) < min_tokens:
             raise DataError(
@@ -419,6 +396,49 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, min_tokens: int
                 f"model.block_size + 1 = {min_tokens}; lower model.block_size or use a larger corpus"
             )
     return PreparedData(tokenizer, train, val, cache, from_cache, corpus.description)
+
+
+def write_cache(cache: Path, corpus: Corpus, data_cfg: DataConfig, tok_cfg: TokenizerConfig, encoder: bool,
+                tokenizer: Tokenizer | None, prepare_cfg: PrepareConfig) -> None:
+    """The cache directory: tokenizer.json, the shards of each split (minitx.shards), then manifest.json, last.
+    Resumable: a tokenizer already saved there is reused, and shards already written are kept."""
+    t0 = time.perf_counter()
+    cache.mkdir(parents=True, exist_ok=True)
+    for partial in cache.glob("*.tmp*"):  # what an interrupted preparation was writing (we hold the lock)
+        partial.unlink()
+    train_texts, val_texts, cut_inside = corpus.train, corpus.val, False
+    if val_texts is None:  # held out before the tokenizer is trained: it must learn nothing from that text
+        train_texts, val_texts, cut_inside = hold_out_tail(corpus.train, corpus.text_column, data_cfg.val_fraction)
+    saved = cache / "tokenizer.json"
+    if saved.exists():  # an interrupted preparation: its shards were written with this one
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(saved))
+    else:
+        if tokenizer is None:
+            tokenizer = build_tokenizer(tok_cfg, _texts(train_texts, corpus.text_column), encoder)
+            log.info("tokenizer built in %.1f s", time.perf_counter() - t0)
+        tmp = cache / f"tokenizer.json.tmp{os.getpid()}"
+        tokenizer.save(str(tmp))
+        os.replace(tmp, saved)
+    dtype = token_dtype(id_limit(tokenizer))
+    splits = {name: (texts, plan_pieces(texts, corpus.text_column, name, cache, prepare_cfg.shard_bytes, last_ends))
+              for name, texts, last_ends in (("train", train_texts, not cut_inside), ("val", val_texts, True))}
+    plan = {name: len(pieces) for name, (_, pieces) in splits.items()} | {"shard_bytes": prepare_cfg.shard_bytes}
+    if read_plan(cache) != plan:  # shards cut another way (another prepare.shard_bytes) are not this plan's
+        for old in cache.glob("*.bin"):
+            old.unlink()
+        write_json(cache / PLAN, plan)
+    write_shards(splits, corpus.text_column, tokenizer, dtype, tokenizer.token_to_id(EOT), prepare_cfg.num_proc, log)
+    manifest: dict[str, Any] = {"format": TOKEN_CACHE_FORMAT, "source": corpus.description,
+                                "fingerprint": corpus.fingerprint, "tokenizer": tokenizer_hash(tokenizer), "splits": {}}
+    for name, (_, pieces) in splits.items():
+        shards = [{"file": p.path.name, "tokens": p.path.stat().st_size // dtype.itemsize} for p in pieces]
+        manifest["splits"][name] = {"dtype": dtype.name, "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+    write_json(cache / MANIFEST, manifest)
+    log.info("tokenized %s into %d + %d tokens (%d + %d shards) in %.1f s", corpus.description,
+             manifest["splits"]["train"]["tokens"], manifest["splits"]["val"]["tokens"], len(splits["train"][1]),
+             len(splits["val"][1]), time.perf_counter() - t0)
 
 
 def hold_out_tail(ds: datasets.Dataset, column: str, fraction: float) -> tuple[datasets.Dataset, datasets.Dataset,
@@ -430,7 +450,8 @@ def hold_out_tail(ds: datasets.Dataset, column: str, fraction: float) -> tuple[d
     import pyarrow.compute as pc
 
     ds = ds.select_columns([column])
-    lengths = pc.utf8_length(pc.fill_null(ds.data.column(column), "")).to_numpy(zero_copy_only=False)
+    lengths = np.concatenate([pc.utf8_length(pc.fill_null(chunk, "")).to_numpy(zero_copy_only=False)
+                              for chunk in released_chunks(ds.data.column(column))] or [np.empty(0, np.int64)])
     ends = np.cumsum(lengths)
     n_val = int(ends[-1] * fraction) if len(ends) else 0
     if n_val == 0:  # too little text to hold any out; the caller refuses the empty stream
@@ -449,13 +470,16 @@ def hold_out_tail(ds: datasets.Dataset, column: str, fraction: float) -> tuple[d
 
 
 def _texts(ds: datasets.Dataset, column: str) -> Iterator[str]:
-    for batch in ds.iter(batch_size=1000):
-        yield from (t for t in batch[column] if t)
+    """The documents' texts, read lazily (a long one in parts, see minitx.shards.document_parts): the tokenizer is
+    trained on the first tokenizer.sample_chars of them and nothing more is read."""
+    for texts, _ in document_parts(text_column(ds, column)):
+        yield from (t for t in texts if t)
 
 
 def tokenize_documents(ds: datasets.Dataset, column: str, tokenizer: Tokenizer, last_ends: bool = True) -> np.ndarray:
-    """Batched map over the documents, then one vectorised join: doc EOT doc EOT ... (no EOT after the last document
-    unless `last_ends`: the held-out slice continues it)."""
+    """The whole split's stream in memory, as minitx wrote it before shards: doc EOT doc EOT ... (no EOT after the
+    last document unless `last_ends`: the held-out slice continues it). The reference the shards are tested against;
+    for small data only."""
     import pyarrow.compute as pc
 
     def encode(batch: dict) -> dict:
@@ -479,16 +503,27 @@ def tokenize_documents(ds: datasets.Dataset, column: str, tokenizer: Tokenizer, 
     return out
 
 
+def batch_rng(seed: int, step: int, rank: int, world_size: int) -> np.random.Generator:
+    """The generator of this process's `step`-th training batch: that of its global index step x world_size + rank,
+    so the processes draw different batches, and N processes at accumulation A draw, per optimizer step, the batches
+    one process draws at accumulation N x A. (One process: rng(seed, 0, step), as before ranks were interleaved.)"""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not one of {world_size} processes")
+    return np.random.default_rng([seed, 0, step * world_size + rank])
+
+
 class RandomWindows(IterableDataset):
-    """Endless training batches: (x, y) of random windows, batch `step` drawn from rng(seed, rank, step)."""
+    """Endless training batches: (x, y) of random windows, batch `step` drawn from batch_rng(seed, step, rank,
+    world_size)."""
 
     def __init__(self, stream: TokenStream, block_size: int, batch_size: int, seed: int, rank: int = 0,
-                 start_step: int = 0, pin_memory: bool = False):
+                 start_step: int = 0, pin_memory: bool = False, world_size: int = 1):
         self.stream, self.block_size, self.batch_size = stream, block_size, batch_size
         self.seed, self.rank, self.start_step, self.pin_memory = seed, rank, start_step, pin_memory
+        self.world_size = world_size
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.rank, step])
+        rng = batch_rng(self.seed, step, self.rank, self.world_size)
         starts = rng.integers(0, len(self.stream) - self.block_size, size=self.batch_size)
         w = self.stream.windows(starts, self.block_size + 1)
         x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
@@ -542,6 +577,10 @@ def sharded(trainer: L.Trainer) -> bool:
 def global_batch_index(batch_idx: int, trainer: L.Trainer) -> int:
     """The index in the whole validation set of this process's `batch_idx`-th batch (see val_share)."""
     return trainer.global_rank + batch_idx * trainer.world_size
+
+
+def world_size(trainer: L.Trainer | None) -> int:
+    return trainer.world_size if trainer is not None else 1
 
 
 def stream_position(trainer: L.Trainer | None) -> tuple[int, int]:
@@ -632,17 +671,18 @@ def pad_batch(rows: list[np.ndarray], labels: np.ndarray, pad_id: int) -> tuple[
 
 
 class RandomRows(IterableDataset):
-    """Endless training batches of random rows, batch `step` drawn from rng(seed, rank, step), as RandomWindows."""
+    """Endless training batches of random rows, batch `step` drawn from batch_rng(seed, step, rank, world), as
+    RandomWindows."""
 
     def __init__(self, data: LabelledData, batch_size: int, pad_id: int, seed: int, rank: int = 0,
-                 start_step: int = 0):
+                 start_step: int = 0, world_size: int = 1):
         self.data, self.batch_size, self.pad_id = data, batch_size, pad_id
-        self.seed, self.rank, self.start_step = seed, rank, start_step
+        self.seed, self.rank, self.start_step, self.world_size = seed, rank, start_step, world_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         step = self.start_step
         while True:
-            rows = np.random.default_rng([self.seed, self.rank, step]).integers(0, len(self.data.train),
-                                                                                 self.batch_size)
+            rng = batch_rng(self.seed, step, self.rank, self.world_size)
+            rows = rng.integers(0, len(self.data.train), self.batch_size)
             yield pad_batch([self.data.train[i] for i in rows], self.data.train_labels[rows], self.pad_id)
             step += 1

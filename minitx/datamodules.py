@@ -17,6 +17,7 @@ from minitx.data import (
     pad_batch,
     stream_position,
     val_share,
+    world_size,
 )
 
 
@@ -29,7 +30,8 @@ class TokenDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> RandomWindows:
         windows = RandomWindows(self.data.train, self.block_size, self.cfg.batch_size, self.seed,
-                                *stream_position(self.trainer), pin_memory=torch.cuda.is_available())
+                                *stream_position(self.trainer), pin_memory=torch.cuda.is_available(),
+                                world_size=world_size(self.trainer))
         return windows  # an endless iterable of whole batches: a DataLoader around it would only add per-step cost
 
     def val_dataloader(self) -> DataLoader:
@@ -39,13 +41,23 @@ class TokenDataModule(L.LightningDataModule):
         return DataLoader(Subset(windows, share), batch_size=None, pin_memory=torch.cuda.is_available())
 
 
+def token_data_module(data: PreparedData, cfg: DataConfig, block_size: int, seed: int) -> TokenDataModule:
+    """The data module of a token-stream task: a streamed corpus's (data.streaming) or a cached stream's."""
+    if cfg.streaming:
+        from minitx.streaming import StreamDataModule
+
+        return StreamDataModule(data, cfg, block_size, seed)  # type: ignore[arg-type]
+    return TokenDataModule(data, cfg, block_size, seed)
+
+
 class LabelledDataModule(L.LightningDataModule):
     def __init__(self, data: LabelledData, cfg: DataConfig, pad_id: int, seed: int):
         super().__init__()
         self.data, self.cfg, self.pad_id, self.seed = data, cfg, pad_id, seed
 
     def train_dataloader(self) -> DataLoader:
-        rows = RandomRows(self.data, self.cfg.batch_size, self.pad_id, self.seed, *stream_position(self.trainer))
+        rows = RandomRows(self.data, self.cfg.batch_size, self.pad_id, self.seed, *stream_position(self.trainer),
+                          world_size=world_size(self.trainer))
         return DataLoader(rows, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:

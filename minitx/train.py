@@ -5,11 +5,14 @@ Nothing here knows what a task is; each task class wires its own data, model and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -146,9 +149,8 @@ class Placement:
             torch.set_float32_matmul_precision("high")
         devices = config.trainer.devices
         processes = 1 if on_gpu else devices if isinstance(devices, int) and devices > 1 else 1  # CPU DDP shares RAM
-        world = devices * config.trainer.num_nodes if isinstance(devices, int) and devices > 0 else 1
         return cls(on_gpu, f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if on_gpu else "cpu", processes,
-                   world if config.trainer.strategy == "fsdp" else 1)
+                   config.trainer.world_size() if config.trainer.strategy == "fsdp" else 1)
 
     def check_fits(self, config: TrainConfig, task: type[Task], model_cfg: ModelConfig) -> None:
         """Refuse a model whose training state cannot fit (minitx.memory), before anything is allocated."""
@@ -179,6 +181,12 @@ def choose_kernel(config: TrainConfig, task: type[Task], place: Placement) -> tu
         if place.on_gpu:
             torch.cuda.empty_cache()  # what the check allocated is not held from the memory estimate
     return kernel, why
+
+
+def tokens_per_step(config: TrainConfig) -> int:
+    """The effective global batch in tokens: batch_size x block_size x accumulate_grad_batches x processes."""
+    t = config.trainer
+    return config.data.batch_size * config.model.block_size * t.accumulate_grad_batches * t.world_size()
 
 
 def sized_model(config: TrainConfig, prepared: Prepared, kernel: str) -> ModelConfig:
@@ -239,13 +247,17 @@ def make_trainer(config: TrainConfig, task: type[Task], out_dir: Path, ckpt_dir:
     samples = [SampleTable(config, tokenizer)] if config.logger.kind == "wandb" and not sharded else []
     trainer = L.Trainer(
         **{k: v for k, v in dataclasses.asdict(config.trainer).items()
-           if k not in ("gradient_clip_val", "accumulate_grad_batches", "strategy")},  # the Task's step applies two
+           if k not in ("gradient_clip_val", "accumulate_grad_batches", "tokens_per_step", "val_check_interval",
+                        "strategy")},
+        # Lightning counts batches between evaluations; minitx's key counts optimizer steps, so that an evaluation
+        # falls at the same step on 1 process or N (tokens_per_step derives the accumulation from the world size)
+        val_check_interval=config.trainer.val_check_interval * config.trainer.accumulate_grad_batches,
         strategy=make_strategy(config),
         logger=logger,
         callbacks=[best, periodic, metrics, summary, FinalValidation(), *progress_bar, *samples, *callbacks],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=out_dir,
-        check_val_every_n_epoch=None,  # validate every val_check_interval batches of the endless stream
+        check_val_every_n_epoch=None,  # validate every val_check_interval steps of the endless stream
         # a full evaluation (every batch) before step 1 gives the initial val/loss; a resumed run has had it
         num_sanity_val_steps=0 if resume else -1,
         use_distributed_sampler=False,  # the data modules shard validation themselves (no repeated batches)
@@ -297,11 +309,19 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     if resume:
         check_same_run(resume.meta, model_cfg, prepared.tokenizer.to_str(), str(config.resume))
     run_config = dataclasses.asdict(config) | {"model": dataclasses.asdict(model_cfg)}
+    run_config["trainer"]["tokens_per_step"] = tokens_per_step(config)  # the global batch as run, also when derived
     module, datamodule = task.build(config, model_cfg, prepared, run_config)
     trainer, best, summary = make_trainer(config, task, out_dir, ckpt_dir, resume, run_config, callbacks or [],
                                           prepared.tokenizer)
+    if trainer.world_size != config.trainer.world_size():  # the global batch was worked out for the latter
+        raise ConfigError(f"trainer.devices={config.trainer.devices}: Lightning starts {trainer.world_size} processes "
+                          f"where minitx counted {config.trainer.world_size()}; give trainer.devices as a number")
     if trainer.is_global_zero:
         log.info("data: %s, vocabulary %d", prepared.description, id_limit(prepared.tokenizer))
+        t = config.trainer
+        log.info("global batch: %d x %d tokens x %d accumulated x %d processes = %s tokens per optimizer step",
+                 config.data.batch_size, config.model.block_size, t.accumulate_grad_batches, trainer.world_size,
+                 f"{tokens_per_step(config):,}")
         log.info("model: %.2fM parameters, attention=%s (%s); outputs in %s", module.model.num_params() / 1e6,
                  kernel, why, out_dir)
         if resume:
@@ -321,6 +341,7 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
         start = f"{module.initial_metrics[metric]:.4f} at step 0 -> " if metric in module.initial_metrics else ""
         log.info("%s %s%.4f at step %d (best %.4f)", metric, start, final, trainer.global_step, best_value)
         numbers = summary.numbers(config.name, task.task or config.task, trainer.global_step, best.best_model_path)
+        numbers["tokens_per_step"] = tokens_per_step(config)
         if metric == "val/loss":  # best.ckpt's score: after a resume, the evaluations before it count too
             numbers["best_val_loss"] = best_value
         write_summary(numbers, out_dir)
@@ -339,6 +360,8 @@ def check_output_dir(argv: list[str]) -> None:
     line (Hydra would fail later, with a traceback)."""
     for arg in argv:
         key, _, value = arg.partition("=")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":  # Hydra's quoting (Lightning's DDP
+            value = value[1:-1]  # children get hydra.run.dir="<dir>")
         if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
             try:
                 Path(value).mkdir(parents=True, exist_ok=True)
@@ -348,18 +371,92 @@ def check_output_dir(argv: list[str]) -> None:
                 raise ConfigError(f"{key}={value}: the output directory is not writable")
 
 
+# A sweep's job, for the DDP processes Lightning starts for it: its overrides and its directory (JSON)
+SWEEP_JOB = "MINITX_SWEEP_JOB"
+LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", SWEEP_JOB)
+
+
+@contextlib.contextmanager
+def sweep_job(hydra_config: Any) -> Iterator[None]:
+    """In a sweep (-m), one job: its DDP processes are told which job they are (see job_argv), and after it the
+    process group and the variables Lightning's launcher set here are dropped, so that the next job starts its own
+    processes on a fresh port instead of joining the last job's group."""
+    from hydra.types import RunMode
+
+    if hydra_config.mode != RunMode.MULTIRUN:
+        yield
+        return
+    before = {k: os.environ.get(k) for k in LAUNCHER_ENV}
+    os.environ[SWEEP_JOB] = json.dumps([*hydra_config.overrides.task,
+                                        f'hydra.run.dir="{hydra_config.runtime.output_dir}"'])
+    try:
+        yield
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def job_argv(argv: list[str]) -> list[str]:
+    """The command line of this process. Lightning starts a DDP run's other processes with the first process's
+    command line (hydra.run.dir, hydra.job.name and hydra.output_subdir appended: lightning.fabric.strategies.
+    launchers.subprocess_script); in a sweep that would run the whole sweep again, into a new sweep directory. Such
+    a process runs its own job instead: the job's overrides, in the job's directory."""
+    job = os.environ.get(SWEEP_JOB)
+    if job is None or "LOCAL_RANK" not in os.environ or not {"-m", "--multirun"} & set(argv):
+        return argv
+    lightning_args = [a for a in argv if a.startswith(("hydra.job.name=", "hydra.output_subdir="))]
+    return [*json.loads(job), *lightning_args]
+
+
+def launched_rank() -> int | None:
+    """This process's global rank when a launcher outside Lightning (torchrun, srun) started all the processes, as
+    Lightning's TorchElasticEnvironment and SLURMEnvironment read it; None for a single or Lightning-started run."""
+    if not {"TORCHELASTIC_RUN_ID", "SLURM_NTASKS"} & set(os.environ):  # (spare --help the import of Lightning)
+        return None
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    for environment in (TorchElasticEnvironment, SLURMEnvironment):
+        if environment.detect() and environment().world_size() > 1:
+            return environment().global_rank()
+    return None
+
+
+def launched_argv(argv: list[str]) -> list[str]:
+    """Under torchrun or srun every process composes the config itself: they must share one run directory (a
+    timestamped default could differ between nodes), and, as in Lightning's own launcher, only rank 0 writes .hydra/
+    while each other rank logs to <run dir>/train_rank_<rank>.log."""
+    rank = launched_rank()
+    if rank is None:
+        return argv
+    if {"-m", "--multirun"} & set(argv):
+        raise ConfigError("-m: a sweep cannot run under torchrun or srun; launch one job per run")
+    if not any(arg.startswith("hydra.run.dir=") for arg in argv):
+        raise ConfigError("hydra.run.dir: under torchrun or srun every process needs the same run directory; set "
+                          "hydra.run.dir=<a path all nodes share>")
+    return argv if rank == 0 else [*argv, "hydra.output_subdir=null", f"hydra.job.name=train_rank_{rank}"]
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def hydra_main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
-    with exit_on_user_error():
+    with exit_on_user_error(), sweep_job(HydraConfig.get()):
         config = parse_config(cfg)
         return train(config, Path(HydraConfig.get().runtime.output_dir))
 
 
 def main() -> None:
     """The minitx-train console script."""
+    sys.argv[1:] = job_argv(sys.argv[1:])
     with exit_on_user_error():
+        sys.argv[1:] = launched_argv(sys.argv[1:])
         check_output_dir(sys.argv[1:])
     hydra_main()
 

@@ -6,7 +6,9 @@
 #      tokens/s and MFU against the GPU's bf16 peak
 #   4. sampling speed on the GPU: KV cache on/off and the compiled decoding step
 #   5. the attention self-check (flex, sdpa, flash-attn vs naive at a GPT-2 shape in bf16): its start-up cost
-#   6. trainer.strategy=fsdp (FSDP2) against ddp on every GPU here, bf16-mixed, 20 steps: the losses side by side
+#   6. experiment=gpt2_124m (its DDP preset, 524,288 tokens a step) for 30 steps: tokens/s and MFU
+#   7. DDP on 2 GPUs vs 1 GPU accumulating 2 (with two or more GPUs)
+#   8. FSDP (trainer=fsdp) vs DDP on every GPU here, bf16-mixed, 20 steps: the losses side by side
 # The device image has torch, lightning, tokenizers and pytest but no network; hydra-core, omegaconf, datasets and
 # wandb come from wheels downloaded beforehand on a machine with a registry:
 #   pip download -d .gpu-wheels hydra-core datasets wandb      (then run with carry=[".gpu-wheels"])
@@ -44,21 +46,51 @@ timeout 240 python3 scripts/bench_sample.py --device cuda --repeats 2 2>&1 | tai
 echo "== 5. the attention self-check on the GPU: what it costs at start-up, and which kernel each run keeps"
 timeout 240 python3 scripts/bench_kernel_check.py 2>&1 | tail -12
 
-echo "== 6. FSDP (trainer.strategy=fsdp: FSDP2, NCCL) vs DDP on every GPU here, bf16-mixed, 20 steps: train/loss"
-gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
-for strategy in fsdp ddp; do
-  timeout 240 minitx-train trainer.strategy=$strategy trainer.devices=$gpus trainer.precision=bf16-mixed \
-    model.n_layer=6 model.n_head=6 model.n_embd=384 model.block_size=256 data.batch_size=16 data.val_batches=$gpus \
+echo "== 6. experiment=gpt2_124m, the GPU recipe, through its DDP preset: 30 optimizer steps of 524,288 tokens on the"
+echo "   built-in corpus (no network here; FineWeb-edu is the recipe's data), BPE 50,257, bf16, compile: tokens/s, MFU"
+ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
+out=$(mktemp -d)
+timeout 420 minitx-train experiment=gpt2_124m data.hub_id=null data.val_fraction=0.05 trainer.devices="$ngpu" \
+  trainer.max_steps=30 trainer.val_check_interval=30 trainer.log_every_n_steps=5 optim.warmup_steps=10 \
+  logger=csv sample.max_new_tokens=0 trainer.enable_progress_bar=false "hydra.run.dir=$out" 2>&1 | tail -8
+python3 - "$out" <<'PY'
+import csv, sys
+rows = [r for r in csv.DictReader(open(f"{sys.argv[1]}/csv/metrics.csv")) if r.get("tokens_per_sec")]
+for r in rows[-3:]:
+    print(f"step {r['step']}: loss {float(r['train/loss']):.3f}, {float(r['tokens_per_sec']):,.0f} tokens/s, mfu {float(r['mfu']):.1%}")
+PY
+
+echo "== 7. DDP on 2 GPUs vs 1 GPU accumulating 2: the same optimizer steps (losses side by side; TF32 matmuls differ slightly)"
+if [ "$ngpu" -ge 2 ]; then
+  for n in 1 2; do
+    timeout 240 minitx-train trainer=ddp trainer.devices=$n model.n_layer=4 model.n_embd=256 model.block_size=256 \
+      data.batch_size=16 trainer.tokens_per_step=8192 trainer.max_steps=20 trainer.val_check_interval=20 \
+      trainer.log_every_n_steps=5 logger=csv sample.max_new_tokens=0 trainer.enable_progress_bar=false \
+      "hydra.run.dir=$out/ddp$n" 2>&1 | grep "global batch"
+  done
+  python3 - "$out" <<'PY'
+import csv, sys
+loss = {n: {r["step"]: r["train/loss"] for r in csv.DictReader(open(f"{sys.argv[1]}/ddp{n}/csv/metrics.csv"))
+            if r.get("train/loss")} for n in (1, 2)}
+for step in sorted(loss[1], key=int):
+    print(f"step {step}: 1 GPU {float(loss[1][step]):.5f}  2 GPUs {float(loss[2].get(step, 'nan')):.5f}")
+PY
+else
+  echo "one GPU: DDP across GPUs needs two (step 6 ran the DDP strategy with one process)"
+fi
+
+echo "== 8. FSDP (trainer=fsdp: FSDP2, NCCL) vs DDP on every GPU here, bf16-mixed, 20 steps: train/loss side by side"
+for preset in fsdp ddp; do
+  timeout 240 minitx-train trainer=$preset trainer.devices="$ngpu" trainer.precision=bf16-mixed \
+    model.n_layer=6 model.n_head=6 model.n_embd=384 model.block_size=256 data.batch_size=16 data.val_batches="$ngpu" \
     trainer.max_steps=20 trainer.val_check_interval=20 trainer.log_every_n_steps=5 optim.warmup_steps=5 \
-    logger=csv sample.max_new_tokens=0 trainer.enable_progress_bar=false "hydra.run.dir=$out/$strategy" 2>&1 \
-    | grep -E "fsdp:|error|val/loss" | tail -3
+    logger=csv sample.max_new_tokens=0 trainer.enable_progress_bar=false "hydra.run.dir=$out/$preset" 2>&1 \
+    | grep -E "fsdp:|rror|val/loss" | tail -3
 done
 python3 - "$out" <<'PY'
 import csv, sys
-def losses(s):
-    return {r["step"]: float(r["train/loss"]) for r in csv.DictReader(open(f"{sys.argv[1]}/{s}/csv/metrics.csv"))
-            if r.get("train/loss")}
-fsdp, ddp = losses("fsdp"), losses("ddp")
-for step in fsdp:
-    print(f"step {step}: fsdp {fsdp[step]:.4f}  ddp {ddp.get(step, float('nan')):.4f}")
+loss = {s: {r["step"]: float(r["train/loss"]) for r in csv.DictReader(open(f"{sys.argv[1]}/{s}/csv/metrics.csv"))
+            if r.get("train/loss")} for s in ("fsdp", "ddp")}
+for step in sorted(loss["fsdp"], key=int):  # bf16: FSDP gathers bf16 weights, DDP autocasts fp32 ones: close, not equal
+    print(f"step {step}: fsdp {loss['fsdp'][step]:.4f}  ddp {loss['ddp'].get(step, float('nan')):.4f}")
 PY

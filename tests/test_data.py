@@ -82,7 +82,7 @@ def test_windows_depend_only_on_seed_rank_step(tmp_path: Path, text_file: Path) 
     assert np.array_equal(x5, xb)
     assert np.array_equal(x5[:, 1:], y5[:, :-1])  # targets are inputs shifted by one
     assert x5.shape == (4, 16)
-    other_rank = RandomWindows(data.train, 16, 4, seed=1, rank=1)
+    other_rank = RandomWindows(data.train, 16, 4, seed=1, rank=1, world_size=2)
     assert not np.array_equal(other_rank.batch(5)[0], x5)
     assert not np.array_equal(a.batch(6)[0], x5)
     v1, v2 = FixedWindows(data.val, 16, 4, 3), FixedWindows(data.val, 16, 4, 3)
@@ -131,23 +131,14 @@ def test_hub_without_network_fails_fast(tmp_path: Path, env: dict[str, str]) -> 
     assert "data.path=" in line
 
 
-def test_streaming_reads_only_the_first_documents(tmp_path: Path) -> None:
-    path = tmp_path / "docs.jsonl"
-    path.write_text("\n".join(json.dumps({"text": f"doc {i}"}) for i in range(500)))
-    data = prepare(tmp_path, path=str(path), streaming=True, max_documents=100)
-    assert not data.from_cache and "first 100 documents (streamed)" in data.description
-    assert len(data.train) + len(data.val) == sum(len(f"doc {i}") + 1 for i in range(100))
-    again = prepare(tmp_path, path=str(path), streaming=True, max_documents=100)
-    assert again.from_cache and again.cache_dir == data.cache_dir
-    more = prepare(tmp_path, path=str(path), streaming=True, max_documents=200)
-    assert more.cache_dir != data.cache_dir
-
-
-def test_streaming_needs_a_limit() -> None:
+def test_streaming_needs_no_limit_but_checks_its_keys() -> None:
     from minitx.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"data\.max_documents=0: data\.streaming=true needs a limit"):
-        DataConfig(path="x", streaming=True).validate()
+    DataConfig(path="x", streaming=True).validate()  # max_documents=0: the whole stream
+    with pytest.raises(ConfigError, match=r"data\.val_documents=0: must be > 0"):
+        DataConfig(path="x", streaming=True, val_documents=0).validate()
+    with pytest.raises(ConfigError, match=r"data\.num_workers=-1: must be >= 0"):
+        DataConfig(path="x", streaming=True, num_workers=-1).validate()
 
 
 def test_directory_keeps_every_file_and_holds_out_only_validation_files(tmp_path: Path) -> None:

@@ -86,7 +86,7 @@ def corpus(tmp_path: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("accumulate", "val_check_interval", "last_saved"),
-    [(1, 15, 20), (2, 16, 24)],  # with 2: evaluations (and their checkpoints) at steps 8, 16, 24; periodic at 10, 20
+    [(1, 15, 20), (2, 8, 24)],  # with 2: evaluations (and their checkpoints) at steps 8, 16, 24; periodic at 10, 20
 )
 def test_sigkill_then_resume_equals_training_straight(tmp_path: Path, corpus: Path, accumulate: int,
                                                        val_check_interval: int, last_saved: int) -> None:

@@ -126,6 +126,8 @@ class Task(L.LightningModule):
         self.run_config = run_config or {}
         self.batches_seen = 0  # training batches drawn so far: where the data stream resumes
         self.skipped_steps = 0
+        self.step_loss: torch.Tensor | None = None  # the last optimizer step's mean loss on this process
+        self._window_loss = torch.zeros(())
         self.grad_norm: torch.Tensor | None = None  # the last step's, before clipping (0-dim; TrainingMetrics reads it)
         self.initial_metrics: dict[str, float] = {}  # the evaluation before step 1
         self._val_sums: list[dict[str, torch.Tensor]] = []  # per validation batch: name -> [sum, count]
@@ -183,7 +185,11 @@ class Task(L.LightningModule):
                 self.manual_backward(loss / self.accumulate if self.accumulate > 1 else loss)
         else:
             self._nonfinite("loss", loss)  # raises, or skips: this batch adds no gradient
+        if self.accumulate > 1:  # the step's loss is its window's mean (one process at accumulation A x N = N of them)
+            first = self.batches_seen % self.accumulate == 1
+            self._window_loss = loss.detach() if first else self._window_loss + loss.detach()
         if stepping:
+            self.step_loss = loss.detach() if self.accumulate == 1 else self._window_loss / self.accumulate
             lr = lr_at(self.trainer.global_step, self.optim_cfg, self.decay_steps)  # a function of the step alone
             for group in optimizer.param_groups:  # type: ignore[union-attr]
                 group["lr"] = lr
@@ -322,9 +328,16 @@ class Task(L.LightningModule):
 
 def token_stream(config: TrainConfig, encoder: bool, tokenizer: Tokenizer | None = None) -> Prepared:
     """The corpus as cached token streams (train, val) of at least one window each; `encoder`: the tokenizer gets
-    the encoder's special tokens; `tokenizer`: use this one (a pretrained model's) instead of tokenizer.*."""
+    the encoder's special tokens; `tokenizer`: use this one (a pretrained model's) instead of tokenizer.*. With
+    data.streaming, the training stream is read as it trains (minitx.streaming); only validation is tokenized here."""
+    if config.data.streaming:
+        from minitx.streaming import prepare_stream
+
+        stream = prepare_stream(config.data, config.tokenizer, config.model.block_size + 1, encoder=encoder,
+                                tokenizer=tokenizer)
+        return Prepared(stream, stream.tokenizer, f"{stream.description}, {len(stream.val):,} val tokens")
     data = prepare_data(config.data, config.tokenizer, config.model.block_size + 1, encoder=encoder,
-                        tokenizer=tokenizer)
+                        tokenizer=tokenizer, prepare_cfg=config.prepare)
     description = (data.description + " (token cache)" * data.from_cache +
                    f", {len(data.train):,} train / {len(data.val):,} val tokens")
     return Prepared(data, data.tokenizer, description)

@@ -20,7 +20,7 @@ from minitx.config import (
     TrainerConfig,
     fail,
 )
-from minitx.datamodules import TokenDataModule
+from minitx.datamodules import TokenDataModule, token_data_module
 from minitx.hf import crop_positions
 from minitx.model import GPT
 from minitx.tasks.base import Prepared, Task, document_eot, register_task, token_stream
@@ -88,7 +88,7 @@ class CausalLM(Task):
         if init is not None:  # its weights, the position table cropped to model.block_size
             module.model.load_state_dict(crop_positions(init.model.state_dict(), model_cfg.block_size))
             prepared.pretrained = None  # copied: let the source model's memory go for the rest of the run
-        return module, TokenDataModule(prepared.data, config.data, model_cfg.block_size, config.seed)
+        return module, token_data_module(prepared.data, config.data, model_cfg.block_size, config.seed)
 
     def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig, tokenizer_json: str,
                  char_level: bool, guard: GuardConfig | None = None, run_config: dict[str, Any] | None = None,

@@ -51,6 +51,8 @@ class SequenceClassifier(Task):
     def check_config(cls, config: TrainConfig) -> None:
         if config.data.label_column is None:
             fail("data.label_column", None, "task=classify needs the column that holds the labels")
+        if config.data.streaming:
+            fail("data.streaming", True, "task=classify reads its labelled rows into memory; set data.streaming=false")
 
     @classmethod
     def prepare(cls, config: TrainConfig) -> Prepared:

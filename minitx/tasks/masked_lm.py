@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from minitx.config import ConfigError, GuardConfig, ModelConfig, OptimConfig, TrainConfig, TrainerConfig
-from minitx.datamodules import TokenDataModule
+from minitx.datamodules import TokenDataModule, token_data_module
 from minitx.model import Encoder
 from minitx.tasks.base import Prepared, Task, document_eot, register_task, token_stream
 
@@ -69,7 +69,7 @@ class MaskedLM(Task):
         module = cls(model_cfg, config.optim, config.trainer, tokenizer.to_str(), tokenizer.token_to_id(MASK),
                      special_ids(tokenizer), config.seed, majority, config.guard, run_config,
                      document_eot=document_eot(config, tokenizer), mlm_probability=config.data.mlm_probability)
-        return module, TokenDataModule(data, config.data, model_cfg.block_size, config.seed)
+        return module, token_data_module(data, config.data, model_cfg.block_size, config.seed)
 
     def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig, tokenizer_json: str,
                  mask_id: int, special_ids: list[int], seed: int, majority_token: int, guard: GuardConfig | None = None,
