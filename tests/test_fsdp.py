@@ -79,3 +79,16 @@ def test_sharded_training_state_is_counted_once() -> None:
     with pytest.raises(ConfigError, match="make the model smaller"):
         check_fits(gpt2, 50257, 1, "32-true", "cuda", free=2 * GB)
     check_fits(gpt2, 50257, 1, "32-true", "cuda", free=2 * GB, shards=4)
+
+
+@pytest.mark.slow
+def test_validation_batches_that_do_not_split_evenly_are_refused(tmp_path: Path) -> None:
+    """3 validation batches over 2 FSDP processes would leave one process gathering weights alone (a hang): refused
+    in one line naming the key, on both ranks, before any step."""
+    (tmp_path / "corpus.txt").write_text(make_text(300))
+    result = run_cli("minitx-train", *RUN, "trainer.max_steps=2", "trainer.strategy=fsdp", "data.val_batches=3",
+                     f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert ("error: data.val_batches=3: 3 validation batches do not split evenly over 2 processes, and under "
+            "trainer.strategy=fsdp every process must evaluate as many") in result.stderr
+    assert "Traceback" not in result.stderr
