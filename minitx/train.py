@@ -243,7 +243,7 @@ def make_trainer(config: TrainConfig, task: type[Task], out_dir: Path, ckpt_dir:
     logger = make_logger(config.logger, config.name, out_dir, run_config, run_id, task.task or config.task)
     sharded = config.trainer.strategy == "fsdp"  # rank 0 alone cannot run a sharded model: no samples table
     if sharded and config.logger.kind == "wandb" and config.sample.table_tokens > 0:
-        log.warning("no wandb samples table under trainer.strategy=fsdp (the end-of-training sample is still shown)")
+        log.info("no wandb samples table under trainer.strategy=fsdp (the end-of-training sample is still shown)")
     samples = [SampleTable(config, tokenizer)] if config.logger.kind == "wandb" and not sharded else []
     trainer = L.Trainer(
         **{k: v for k, v in dataclasses.asdict(config.trainer).items()
