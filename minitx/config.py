@@ -243,7 +243,7 @@ class TrainerConfig:
         self._check_device()
         if self.strategy == "fsdp" and str(self.precision) not in FSDP_PRECISIONS:
             fail("trainer.precision", self.precision, f"trainer.strategy=fsdp (FSDP2) takes {list(FSDP_PRECISIONS)}; "
-                 "use bf16-mixed")
+                 "use bf16-mixed (32-true on a GPU without bfloat16)")
         if self.gradient_clip_val < 0:
             fail("trainer.gradient_clip_val", self.gradient_clip_val, "must be >= 0 (0 disables clipping)")
         return self

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning as L
 import torch
-from torch.distributed.fsdp import FSDPModule
 
 from minitx.callbacks import TrainingMetrics, write
 from minitx.checkpoint import CHECKPOINT_KEY
@@ -203,7 +202,7 @@ class Task(L.LightningModule):
             return contextlib.nullcontext()
         if isinstance(self.trainer.model, torch.nn.parallel.DistributedDataParallel) and not stepping:
             return self.trainer.model.no_sync()
-        if isinstance(self.model, FSDPModule):
+        if hasattr(self.model, "set_requires_gradient_sync"):  # (a model fully_shard-ed: minitx.fsdp)
             self.model.set_requires_gradient_sync(stepping)
         return contextlib.nullcontext()
 
