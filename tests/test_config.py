@@ -120,7 +120,7 @@ def test_train_help_lists_the_groups_and_every_key() -> None:
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("usage: minitx-train")
-    assert "experiment: classify, mlm, shakespeare_char" in result.stdout
+    assert "experiment: classify, gpt2_124m, mlm, shakespeare_char" in result.stdout
     for field in dataclasses.fields(ModelConfig):
         assert f"  {field.name}: " in result.stdout, field.name
 
