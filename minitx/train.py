@@ -286,6 +286,11 @@ def train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None = None
     """Train per `config`, write checkpoints, show what the task shows at the end (a sample); return the best value
     of the task's monitored metric (Task.monitor: val/loss for minitx's tasks). `callbacks` are added to minitx's own
     (tests use it to inject faults)."""
+    with released_launcher():
+        return _train(config, out_dir, callbacks)
+
+
+def _train(config: TrainConfig, out_dir: Path, callbacks: list[Any] | None) -> float:
     import lightning as L
 
     from minitx.fsdp import is_sharded, unshard_for_rank_zero
@@ -377,30 +382,45 @@ LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_
 
 
 @contextlib.contextmanager
-def sweep_job(hydra_config: Any) -> Iterator[None]:
-    """In a sweep (-m), one job: its DDP processes are told which job they are (see job_argv), and after it the
-    process group and the variables Lightning's launcher set here are dropped, so that the next job starts its own
-    processes on a fresh port instead of joining the last job's group."""
-    from hydra.types import RunMode
+def released_launcher() -> Iterator[None]:
+    """Around one training run in this process: afterwards the process group it started and the variables
+    Lightning's launcher set here are dropped, so that the next run in the same process (a sweep's next job, a
+    Python caller's second train()) starts its own processes on a fresh port instead of joining the last group."""
+    import torch.distributed as dist
 
-    if hydra_config.mode != RunMode.MULTIRUN:
-        yield
-        return
     before = {k: os.environ.get(k) for k in LAUNCHER_ENV}
-    os.environ[SWEEP_JOB] = json.dumps([*hydra_config.overrides.task,
-                                        f'hydra.run.dir="{hydra_config.runtime.output_dir}"'])
+    had_group = dist.is_available() and dist.is_initialized()
     try:
         yield
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
+        if not had_group and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         for key, value in before.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def sweep_job(hydra_config: Any) -> Iterator[None]:
+    """In a sweep (-m), one job: its DDP processes are told which job they are (see job_argv); train() releases the
+    job's process group and launcher variables when it ends (released_launcher)."""
+    from hydra.types import RunMode
+
+    if hydra_config.mode != RunMode.MULTIRUN:
+        yield
+        return
+    before = os.environ.get(SWEEP_JOB)
+    os.environ[SWEEP_JOB] = json.dumps([*hydra_config.overrides.task,
+                                        f'hydra.run.dir="{hydra_config.runtime.output_dir}"'])
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(SWEEP_JOB, None)
+        else:
+            os.environ[SWEEP_JOB] = before
 
 
 def job_argv(argv: list[str]) -> list[str]:

@@ -15,7 +15,7 @@ from test_train import TINY, compose_config
 from minitx.train import parse_config, train
 
 SUMMARY_KEYS = ["name", "task", "best_val_loss", "best_step", "final_val_loss", "steps", "tokens_seen", "wall_time_s",
-                "tokens_per_sec", "mfu", "checkpoint"]
+                "tokens_per_sec", "mfu", "checkpoint", "tokens_per_step"]
 
 
 def wandb_records(path: Path) -> Iterator[Any]:
