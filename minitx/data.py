@@ -35,6 +35,7 @@ from minitx.shards import (
     PLAN,
     ShardedTokens,
     document_parts,
+    drop_mapped_pages,
     plan_pieces,
     read_plan,
     released_chunks,
@@ -417,6 +418,7 @@ def write_cache(cache: Path, corpus: Corpus, data_cfg: DataConfig, tok_cfg: Toke
     else:
         if tokenizer is None:
             tokenizer = build_tokenizer(tok_cfg, _texts(train_texts, corpus.text_column), encoder)
+            drop_mapped_pages()  # the pages of its sample (tokenizer.sample_chars of text)
             log.info("tokenizer built in %.1f s", time.perf_counter() - t0)
         tmp = cache / f"tokenizer.json.tmp{os.getpid()}"
         tokenizer.save(str(tmp))

@@ -106,6 +106,7 @@ def document_parts(column: pa.ChunkedArray | pa.Array, max_bytes: int | None = N
                 texts, ends, size = [], [], 0
     if texts:
         yield texts, ends
+    drop_mapped_pages()  # a piece (shard) smaller than RELEASE_BYTES leaves its pages too: the next piece starts at 0
 
 
 def _row_bytes(rows: pa.ChunkedArray | pa.Array, i: int) -> memoryview:
