@@ -202,7 +202,8 @@ class StreamWindows(IterableDataset):
         have = sum(len(p) for p in pending)
         while True:
             docs = self.token_documents()
-            if state is not None and passes == state["pass"]:
+            resumed = state is not None and passes == state["pass"]  # mid-pass: it may resume at the pass's end
+            if resumed:
                 docs.load_state_dict(state["source"])
             read_any = False
             for doc in docs:
@@ -219,7 +220,7 @@ class StreamWindows(IterableDataset):
                     x, y = w[:-1].view(self.batch_size, self.block_size), w[1:].view(self.batch_size, self.block_size)
                     yield x, y, (worker, {"pass": passes, "source": position, "leftover": tokens[at:]})
                 pending, have = [tokens[at:]], len(tokens) - at
-            if not read_any:
+            if not read_any and not resumed:
                 raise DataError("the training stream has no documents (data.val_documents may hold out all of "
                                 "them, or data.max_documents be too small); use a larger corpus")
             passes += 1

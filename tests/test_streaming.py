@@ -102,19 +102,26 @@ def test_killed_streaming_run_resumes_on_the_same_batches(tmp_path: Path, corpus
 
 
 def test_resuming_the_windows_from_any_batch_continues_them_exactly(tmp_path: Path) -> None:
-    """The dataset class alone, on a corpus read about twice over in 40 batches: from the state saved after a batch
-    (inside a document, in the first pass or the second) the next batches are those of the straight run."""
+    """The dataset class alone, on a corpus read about twice over: from the state saved after a batch (inside a
+    document, in the first pass or the second, or at the very end of a pass) the next batches are those of the
+    straight run."""
     write_corpus(tmp_path / "tiny", files=2, docs_per_file=15)
     data = stream(tmp_path / "tiny", tmp_path / "cache", val_documents=5)
-    windows = StreamWindows(rank_documents(data, 0, 1), "text", data.tokenizer, block_size=16, batch_size=4)
-    batches = [b for _, b in zip(range(40), windows, strict=False)]
-    resume_at = (1, 7, 15, 26, 33)
-    assert {batches[k - 1][2][1]["pass"] for k in resume_at} == {0, 1}
-    for k in resume_at:
-        again = StreamWindows(rank_documents(data, 0, 1), "text", data.tokenizer, block_size=16, batch_size=4,
-                              resume={0: batches[k - 1][2][1]})
-        for (x, y, _), (x0, y0, _) in zip(again, batches[k:], strict=False):
-            assert np.array_equal(x, x0) and np.array_equal(y, y0), k
+    # 4 x 16 tokens a batch: a pass is ~20 batches; 1 x 4 tokens: every document ends a batch, the last one the pass
+    for block_size, batch_size in ((16, 4), (4, 1)):
+        windows = StreamWindows(rank_documents(data, 0, 1), "text", data.tokenizer, block_size=block_size,
+                                batch_size=batch_size)
+        batches = []
+        for batch in windows:  # until a few batches into the second pass
+            batches.append(batch)
+            if batch[2][1]["pass"] == 1 and len(batches) % 7 == 0:
+                break
+        assert {b[2][1]["pass"] for b in batches} == {0, 1}  # (with 1 x 4: pass 0's last batch ends the pass)
+        for k in range(1, len(batches) - 1):
+            again = StreamWindows(rank_documents(data, 0, 1), "text", data.tokenizer, block_size=block_size,
+                                  batch_size=batch_size, resume={0: batches[k - 1][2][1]})
+            for (x, y, _), (x0, y0, _) in zip(again, batches[k:], strict=False):
+                assert np.array_equal(x, x0) and np.array_equal(y, y0), (block_size, k)
 
 
 def test_ranks_read_disjoint_documents(tmp_path: Path) -> None:
