@@ -265,6 +265,8 @@ class TrainerConfig:
             parsed = accelerator.parse_devices(devices)
         except Exception as e:  # Lightning's own message says what it accepts
             fail("trainer.devices", self.devices, str(e))
+        if parsed is None:  # no device of this kind here (auto on a machine without one)
+            fail("trainer.devices", self.devices, f"no {'GPU' if self.on_gpu else 'device'} here to count")
         return (len(parsed) if isinstance(parsed, list) else int(parsed)) * self.num_nodes
 
     def _check_device(self) -> None:
@@ -383,8 +385,8 @@ class TrainConfig:
         self.tokenizer.validate()
         self.data.validate()
         self.prepare.validate()
+        self.trainer.validate()  # (the devices first: the world size below counts them)
         self.trainer = global_batch(self.trainer, self.data.batch_size * self.model.block_size)
-        self.trainer.validate()
         self.optim = self.optim.validate(self.trainer.max_steps)
         self.logger.validate()
         self.checkpoint.validate()

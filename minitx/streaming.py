@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from minitx.config import ConfigError, DataConfig, TokenizerConfig
+from minitx.config import ConfigError, DataConfig, TokenizerConfig, fail
 from minitx.data import DataError, _read_error, _source_fingerprint, default_cache_dir, load_splits
 from minitx.datamodules import TokenDataModule
 from minitx.tokenizer import EOT, build_tokenizer, tokenizer_hash, tokenizer_spec
@@ -90,7 +90,6 @@ def prepare_stream(cfg: DataConfig, tok_cfg: TokenizerConfig, min_tokens: int, e
     source's fingerprint, so reruns, resumes and every rank use the same ones without reading the stream again."""
     from tokenizers import Tokenizer
 
-    from minitx.data import tokenize_documents
 
     splits, description = load_splits(cfg)
     train = splits["train"] if "train" in splits else splits[next(iter(splits))]
@@ -103,39 +102,21 @@ def prepare_stream(cfg: DataConfig, tok_cfg: TokenizerConfig, min_tokens: int, e
     key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
     cache = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) / f"stream-{key}"
     done = cache / "done.json"
+    if cfg.max_documents and not has_val and cfg.max_documents <= cfg.val_documents:
+        fail("data.max_documents", cfg.max_documents, f"the first data.val_documents={cfg.val_documents} documents "
+             "are held out for validation, leaving none to train on; raise it or lower data.val_documents")
     try:
-        if done.exists():
-            meta = json.loads(done.read_text())
-            held_out = frozenset(bytes.fromhex(h) for h in meta["held_out"])
-            tokenizer = Tokenizer.from_file(str(cache / "tokenizer.json"))
-            val_tokens = np.load(cache / "val.npy")
-        else:
-            import datasets
+        if not done.exists():  # every rank (and every torchrun/srun process) gets here: one prepares, others wait
+            from filelock import FileLock
 
-            first = next(iter(train.take(1)), None)
-            if first is None:
-                raise DataError(f"{description}: the stream has no documents")
-            if cfg.text_column not in first:
-                raise DataError(f"data.text_column={cfg.text_column!r} is not a column of {description}; "
-                                f"its columns are {sorted(first)}")
-            source = splits[cfg.val_split] if has_val else train
-            val_texts = [row[cfg.text_column] for row in source.take(cfg.val_documents)]
-            held_out = frozenset() if has_val else frozenset(document_key(t) for t in val_texts)
-            if tokenizer is None:
-                texts = (row[cfg.text_column] for row in _training_documents(train, cfg.text_column, held_out))
-                tokenizer = build_tokenizer(tok_cfg, (t for t in texts if t), encoder)
-            val = datasets.Dataset.from_dict({cfg.text_column: val_texts})
-            val_tokens = tokenize_documents(val, cfg.text_column, tokenizer)
-            cache.mkdir(parents=True, exist_ok=True)  # each file written whole, then renamed: ranks may race here
-            tmp = cache / f"tokenizer.json.tmp{os.getpid()}"
-            tokenizer.save(str(tmp))
-            os.replace(tmp, cache / "tokenizer.json")
-            with open(tmp := cache / f"val.npy.tmp{os.getpid()}", "wb") as f:
-                np.save(f, val_tokens)
-            os.replace(tmp, cache / "val.npy")
-            tmp = cache / f"done.json.tmp{os.getpid()}"
-            tmp.write_text(json.dumps({"held_out": sorted(h.hex() for h in held_out), "source": description}))
-            os.replace(tmp, done)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(cache.parent / f"stream-{key}.lock")):
+                if not done.exists():
+                    _write_stream_cache(cache, cfg, tok_cfg, encoder, tokenizer, splits, train, has_val, description)
+        meta = json.loads(done.read_text())
+        held_out = frozenset(bytes.fromhex(h) for h in meta["held_out"])
+        tokenizer = Tokenizer.from_file(str(cache / "tokenizer.json"))
+        val_tokens = np.load(cache / "val.npy")
     except DataError:
         raise
     except Exception as e:  # a stream reads its files only now
@@ -154,6 +135,41 @@ def prepare_stream(cfg: DataConfig, tok_cfg: TokenizerConfig, min_tokens: int, e
                     f"validation: {cfg.val_documents} documents {held}")
     return StreamingData(tokenizer, _training_documents(train, cfg.text_column, held_out), TokenArray(val_tokens),
                          cfg.text_column, description, cache)
+
+
+def _write_stream_cache(cache: Path, cfg: DataConfig, tok_cfg: TokenizerConfig, encoder: bool,
+                        tokenizer: Tokenizer | None, splits: Any, train: datasets.IterableDataset, has_val: bool,
+                        description: str) -> None:
+    """The stream's cache: its validation documents' tokens, the tokenizer (trained on the start of the training
+    stream unless given), and done.json (the held-out documents' keys) last; each file written whole, then renamed."""
+    import datasets
+
+    from minitx.data import tokenize_documents
+
+    first = next(iter(train.take(1)), None)
+    if first is None:
+        raise DataError(f"{description}: the stream has no documents")
+    if cfg.text_column not in first:
+        raise DataError(f"data.text_column={cfg.text_column!r} is not a column of {description}; "
+                        f"its columns are {sorted(first)}")
+    source = splits[cfg.val_split] if has_val else train
+    val_texts = [row[cfg.text_column] for row in source.take(cfg.val_documents)]
+    held_out = frozenset() if has_val else frozenset(document_key(t) for t in val_texts)
+    if tokenizer is None:
+        texts = (row[cfg.text_column] for row in _training_documents(train, cfg.text_column, held_out))
+        tokenizer = build_tokenizer(tok_cfg, (t for t in texts if t), encoder)
+    val = datasets.Dataset.from_dict({cfg.text_column: val_texts})
+    val_tokens = tokenize_documents(val, cfg.text_column, tokenizer)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f"tokenizer.json.tmp{os.getpid()}"
+    tokenizer.save(str(tmp))
+    os.replace(tmp, cache / "tokenizer.json")
+    with open(tmp := cache / f"val.npy.tmp{os.getpid()}", "wb") as f:
+        np.save(f, val_tokens)
+    os.replace(tmp, cache / "val.npy")
+    tmp = cache / f"done.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps({"held_out": sorted(h.hex() for h in held_out), "source": description}))
+    os.replace(tmp, cache / "done.json")
 
 
 def _training_documents(train: datasets.IterableDataset, column: str,

@@ -6,10 +6,10 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import make_text
+from test_train import compose_config
 
 from minitx.train import parse_config, train
-from tests.conftest import make_text
-from tests.test_train import compose_config
 
 
 def test_gpt2_124m_composes_to_gpt2_small_at_half_a_million_tokens_a_step() -> None:

@@ -17,7 +17,7 @@ from conftest import make_text
 from test_train import compose_config
 
 from minitx.checkpoint import read_checkpoint
-from minitx.config import DataConfig, TokenizerConfig
+from minitx.config import ConfigError, DataConfig, TokenizerConfig
 from minitx.data import DataError
 from minitx.streaming import StreamingData, StreamLoader, StreamWindows, prepare_stream, rank_documents
 from minitx.tokenizer import EOT
@@ -178,6 +178,9 @@ def test_a_wrong_column_or_too_little_validation_text_is_one_line(tmp_path: Path
         stream(corpus, tmp_path / "cache", text_column="body")
     with pytest.raises(DataError, match=r"data\.val_documents=1 documents make \d+ tokens, fewer than model\.block"):
         stream(corpus, tmp_path / "cache", min_tokens=1025, val_documents=1)  # model.block_size=1024
+    with pytest.raises(ConfigError, match=r"^data\.max_documents=5: the first data\.val_documents=5 documents are "
+                                          r"held out for validation, leaving none to train on"):
+        stream(corpus, tmp_path / "cache", max_documents=5, val_documents=5)
 
 
 def test_the_loader_saves_the_position_after_the_batches_trained_on(tmp_path: Path, corpus: Path) -> None:
