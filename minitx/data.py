@@ -95,15 +95,14 @@ def builtin_corpus_files() -> list[Path]:
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
-    """The corpus to pre-tokenize into shards (data.streaming=true runs read it through minitx.streaming instead)."""
+    """The corpus to pre-tokenize into shards (data.streaming=true runs read it through minitx.streaming instead).
+    Its text is checked (check_text, a pass over all of it) only when it is tokenized, not by every run or rank that
+    finds its shards ready."""
     import dataclasses
 
     splits, description = load_splits(dataclasses.replace(cfg, streaming=False))
     train = splits["train"] if "train" in splits else splits[next(iter(splits))]
     val = splits.get(cfg.val_split)
-    for name, split in (("train", train), (cfg.val_split, val)):
-        if split is not None:
-            check_text(cfg, name, split, description)
     parts = [train._fingerprint, val._fingerprint if val is not None else "held-out", cfg.text_column]
     if val is None:
         parts.append(str(cfg.val_fraction))
@@ -407,6 +406,9 @@ def write_cache(cache: Path, corpus: Corpus, data_cfg: DataConfig, tok_cfg: Toke
     cache.mkdir(parents=True, exist_ok=True)
     for partial in cache.glob("*.tmp*"):  # what an interrupted preparation was writing (we hold the lock)
         partial.unlink()
+    for name, split in (("train", corpus.train), (data_cfg.val_split, corpus.val)):
+        if split is not None:
+            check_text(data_cfg, name, split, corpus.description)
     train_texts, val_texts, cut_inside = corpus.train, corpus.val, False
     if val_texts is None:  # held out before the tokenizer is trained: it must learn nothing from that text
         train_texts, val_texts, cut_inside = hold_out_tail(corpus.train, corpus.text_column, data_cfg.val_fraction)
