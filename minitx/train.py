@@ -378,21 +378,24 @@ def check_output_dir(argv: list[str]) -> None:
 
 # A sweep's job, for the DDP processes Lightning starts for it: its overrides and its directory (JSON)
 SWEEP_JOB = "MINITX_SWEEP_JOB"
-LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", SWEEP_JOB)
+LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS", SWEEP_JOB)
 
 
 @contextlib.contextmanager
 def released_launcher() -> Iterator[None]:
-    """Around one training run in this process: afterwards the process group it started and the variables
-    Lightning's launcher set here are dropped, so that the next run in the same process (a sweep's next job, a
-    Python caller's second train()) starts its own processes on a fresh port instead of joining the last group."""
+    """Around one training run in this process: afterwards the process group it started, the variables Lightning's
+    launcher set here and the thread count it chose are dropped, so that the next run in the same process (a sweep's
+    next job, a Python caller's second train()) starts its own processes on a fresh port, on every core."""
+    import torch
     import torch.distributed as dist
 
     before = {k: os.environ.get(k) for k in LAUNCHER_ENV}
     had_group = dist.is_available() and dist.is_initialized()
+    threads = torch.get_num_threads()  # Lightning's CPU DDP divides the cores between its processes
     try:
         yield
     finally:
+        torch.set_num_threads(threads)
         if not had_group and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         for key, value in before.items():

@@ -139,3 +139,22 @@ def test_a_sweep_of_ddp_jobs_runs_each_job_once(tmp_path: Path) -> None:
     assert result.stdout.count("sample:") == 1
     assert result.stdout.count("sweep: ") == 1  # one table: the sweep ran once
     assert re.search(r"^0\s+\d\.\d{4}\s+\d\.\d{4}\s+6\s", result.stdout, re.M), result.stdout  # 6 steps
+
+
+def test_resuming_on_another_number_of_processes_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint records its world size: each rank's batch count and the evaluation steps are laid out for it."""
+    from minitx.train import train
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.txt").write_text(make_text(400))
+    run = [*TINY, "trainer.max_steps=2", "sample.max_new_tokens=0", "logger=none"]
+    train(parse_config(compose_config(*run)), tmp_path / "run")
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True)
+    assert state["minitx"]["world_size"] == 1
+    state["minitx"]["world_size"] = 2  # as a 2-process run writes it
+    torch.save(state, last)
+    config = parse_config(compose_config(*run, "trainer.max_steps=4", f"resume={tmp_path / 'run'}"))
+    with pytest.raises(ConfigError, match=r"^resume: the checkpoint's run trained on 2 process\(es\), this one has 1; "
+                                          r"resume with trainer.devices x trainer.num_nodes = 2$"):
+        train(config, tmp_path / "resumed")

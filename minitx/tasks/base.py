@@ -279,6 +279,7 @@ class Task(L.LightningModule):
             "tokenizer": self.tokenizer_json,
             "config": self.run_config,
             "batches_seen": self.batches_seen,
+            "world_size": self.trainer.world_size,
             "skipped_steps": self.skipped_steps,
             "rng": rng,
             "logger_run_id": getattr(self.logger, "version", None) if self.logger else None,
@@ -293,6 +294,10 @@ class Task(L.LightningModule):
         if automatic and automatic["total"]["completed"] and not steps_done:
             loops[manual] = copy.deepcopy(automatic)  # written before minitx took the step over: keep its step count
         meta = checkpoint[CHECKPOINT_KEY]
+        world = meta.get("world_size", self.trainer.world_size)  # (older checkpoints do not record it)
+        if world != self.trainer.world_size:  # each rank's batch count and the evaluation steps are laid out for it
+            raise ConfigError(f"resume: the checkpoint's run trained on {world} process(es), this one has "
+                              f"{self.trainer.world_size}; resume with trainer.devices x trainer.num_nodes = {world}")
         self.batches_seen = meta["batches_seen"]
         self.skipped_steps = meta.get("skipped_steps", 0)
         self._rng_to_restore = meta["rng"]
