@@ -154,6 +154,8 @@ class DataConfig:
         for key in ("max_documents", "num_workers"):
             if getattr(self, key) < 0:
                 fail(f"data.{key}", getattr(self, key), "must be >= 0")
+            if getattr(self, key) > 0 and not self.streaming:  # a corpus read whole into shards has neither
+                fail(f"data.{key}", getattr(self, key), "is for data.streaming=true; set that too, or leave it at 0")
         if not 0.0 < self.val_fraction < 1.0:
             fail("data.val_fraction", self.val_fraction, "must be in (0, 1)")
         return self

@@ -482,8 +482,8 @@ def _texts(ds: datasets.Dataset, column: str) -> Iterator[str]:
 
 def tokenize_documents(ds: datasets.Dataset, column: str, tokenizer: Tokenizer, last_ends: bool = True) -> np.ndarray:
     """The whole split's stream in memory, as minitx wrote it before shards: doc EOT doc EOT ... (no EOT after the
-    last document unless `last_ends`: the held-out slice continues it). The reference the shards are tested against;
-    for small data only."""
+    last document unless `last_ends`: the held-out slice continues it). For bounded text (minitx-eval's split,
+    streaming's validation documents) and as the reference the shards are tested against; a corpus goes to shards."""
     import pyarrow.compute as pc
 
     def encode(batch: dict) -> dict:

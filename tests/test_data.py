@@ -139,6 +139,8 @@ def test_streaming_needs_no_limit_but_checks_its_keys() -> None:
         DataConfig(path="x", streaming=True, val_documents=0).validate()
     with pytest.raises(ConfigError, match=r"data\.num_workers=-1: must be >= 0"):
         DataConfig(path="x", streaming=True, num_workers=-1).validate()
+    with pytest.raises(ConfigError, match=r"^data\.max_documents=10: is for data\.streaming=true; set that too"):
+        DataConfig(path="x", max_documents=10).validate()
 
 
 def test_directory_keeps_every_file_and_holds_out_only_validation_files(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import csv
 from pathlib import Path
 
 import pytest
@@ -35,9 +35,11 @@ def test_gpt2_124m_scaled_down_trains_two_steps_on_a_cpu(tmp_path: Path) -> None
         "experiment=gpt2_124m", f"data.path={corpus}", "data.val_fraction=0.1", "data.batch_size=2",
         "data.val_batches=2", "tokenizer.vocab_size=300", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
         "model.block_size=64", "model.compile=false", "trainer.accelerator=cpu", "trainer.precision=32-true",
-        "trainer.tokens_per_step=256", "trainer.max_steps=2", "optim.warmup_steps=1", "logger=none",
+        "trainer.tokens_per_step=256", "trainer.max_steps=2", "optim.warmup_steps=1", "logger=csv",
         "sample.max_new_tokens=0", "trainer.enable_progress_bar=false"))
     assert config.trainer.accumulate_grad_batches == 2
     best = train(config, tmp_path / "run")
-    assert best < math.log(50304)  # below a uniform guess over the padded vocabulary after 2 steps: it learns
+    rows = list(csv.DictReader((tmp_path / "run" / "csv" / "metrics.csv").open()))
+    val = [(int(r["step"]), float(r["val/loss"])) for r in rows if r.get("val/loss")]
+    assert val[0][0] == 0 and val[-1][0] == 2 and best == val[-1][1] < val[0][1]  # 2 steps already lower it
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
