@@ -21,6 +21,16 @@ if [ -d .gpu-wheels ]; then
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . || echo "warning: editable install failed"
 
+rates() {  # the last $2 logged rows of run directory $1's csv/metrics.csv: loss, tokens/s, MFU
+  python3 - "$1" "$2" <<'PY'
+import csv, sys
+rows = [r for r in csv.DictReader(open(f"{sys.argv[1]}/csv/metrics.csv")) if r.get("tokens_per_sec")]
+for r in rows[-int(sys.argv[2]):]:
+    print(f"step {r['step']}: loss {float(r['train/loss']):.3f}, {float(r['tokens_per_sec']):,.0f} tokens/s, "
+          f"mfu {float(r['mfu']):.1%}")
+PY
+}
+
 echo "== 1. equivalence suite on $(python3 -c 'import torch; print(torch.cuda.get_device_name())')"
 python3 -m pytest -q -rs -p no:cacheprovider tests/test_attention_kernels.py 2>&1 | tail -40
 
@@ -33,12 +43,7 @@ timeout 300 minitx-train model.n_layer=12 model.n_head=12 model.n_embd=768 model
   model.compile=true trainer.precision=bf16-mixed data.batch_size=16 trainer.max_steps=80 \
   trainer.val_check_interval=80 trainer.log_every_n_steps=10 data.val_batches=4 optim.warmup_steps=10 \
   logger=csv sample.max_new_tokens=0 trainer.enable_progress_bar=false "hydra.run.dir=$out" 2>&1 | tail -5
-python3 - "$out" <<'PY'
-import csv, sys
-rows = [r for r in csv.DictReader(open(f"{sys.argv[1]}/csv/metrics.csv")) if r.get("tokens_per_sec")]
-for r in rows[-4:]:
-    print(f"step {r['step']}: {float(r['tokens_per_sec']):,.0f} tokens/s, mfu {float(r['mfu']):.1%}")
-PY
+rates "$out" 4
 
 echo "== 4. sampling: KV cache on/off, the compiled decoding step (nanoGPT's default shape)"
 timeout 240 python3 scripts/bench_sample.py --device cuda --repeats 2 2>&1 | tail -10
@@ -53,12 +58,7 @@ out=$(mktemp -d)
 timeout 420 minitx-train experiment=gpt2_124m data.hub_id=null data.val_fraction=0.05 trainer.devices="$ngpu" \
   trainer.max_steps=30 trainer.val_check_interval=30 trainer.log_every_n_steps=5 optim.warmup_steps=10 \
   logger=csv sample.max_new_tokens=0 trainer.enable_progress_bar=false "hydra.run.dir=$out" 2>&1 | tail -8
-python3 - "$out" <<'PY'
-import csv, sys
-rows = [r for r in csv.DictReader(open(f"{sys.argv[1]}/csv/metrics.csv")) if r.get("tokens_per_sec")]
-for r in rows[-3:]:
-    print(f"step {r['step']}: loss {float(r['train/loss']):.3f}, {float(r['tokens_per_sec']):,.0f} tokens/s, mfu {float(r['mfu']):.1%}")
-PY
+rates "$out" 3
 
 echo "== 7. DDP on 2 GPUs vs 1 GPU accumulating 2: the same optimizer steps (losses side by side; TF32 matmuls differ slightly)"
 if [ "$ngpu" -ge 2 ]; then
