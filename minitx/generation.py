@@ -118,6 +118,8 @@ def generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, te
     A row ends at a token in `stop_ids` (left out) or once should_stop(row, token) is true (that token kept);
     decoding ends when every row has ended.
     """
+    if not prompts or not all(prompts):
+        raise ValueError("generate_batch takes one or more prompts of one or more tokens each")
     mode = torch.inference_mode() if compiled is None else torch.no_grad()
     with mode:
         return _generate_batch(model, prompts, max_new_tokens, temperature, top_k, top_p, generator, stop_ids,

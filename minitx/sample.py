@@ -24,7 +24,7 @@ class SampleConfig:
     ckpt: str | None = None  # a .ckpt written by minitx-train, a minitx-export directory, or hf:<dir> (required)
     prompt: str = ""  # empty: start from <|endoftext|>
     max_new_tokens: int = 500
-    num_samples: int = 1  # > 1: decoded together in one batch, printed one after another
+    num_samples: int = 1  # > 1: decoded together in one batch (with use_cache), printed one after another
     stop: str = ""  # end a sample at the first occurrence of this text (left out), e.g. <|endoftext|>; "": off
     temperature: float = 0.8  # <= 0: greedy
     top_k: int = 200  # 0: off
