@@ -115,8 +115,8 @@ def generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, te
     Prompts of different lengths are padded on the left; each row's positions count from its first real token
     and its padding is hidden from attention, so a greedy row gets the tokens it gets decoded alone by
     `generate` (within block_size: past it the rows' caches are refilled together, at the longest row's pace).
-    A row ends at a token in `stop_ids` (left out) or once should_stop(row, token) is true (that token kept);
-    decoding ends when every row has ended.
+    A row ends at a token in `stop_ids` (left out) or once should_stop(row, token) is true (that token kept), and
+    leaves the batch (a compiled step keeps one batch size: there it rides along); decoding ends when all have.
     """
     if not prompts or not all(prompts):
         raise ValueError("generate_batch takes one or more prompts of one or more tokens each")
@@ -148,14 +148,15 @@ def _generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, t
     caches = model.new_caches(len(prompts), device, dtype)
     feed, pad = left_padded([list(c) for c in contexts], device)
     held = 0  # cache slots in use, the same for every row
+    rows = list(range(len(prompts)))  # the prompt each row of the batch decodes
     for _ in range(max_new_tokens):
         logits = (model.next_token_logits(feed, caches, pad=pad) if compiled is None
                   else compiled(feed, caches, held, pad))
         held += feed.size(1)
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
-        for row, token in enumerate(nxt[:, 0].tolist()):
+        for row, token in zip(rows, nxt[:, 0].tolist(), strict=True):
             contexts[row].append(token)
-            if ended[row]:  # an ended row rides along: its tokens are dropped
+            if ended[row]:  # an ended row rides along in a compiled step (one batch size): its tokens are dropped
                 continue
             if token in stop_ids:
                 ended[row] = True
@@ -164,13 +165,20 @@ def _generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, t
             ended[row] = should_stop is not None and should_stop(row, token)
         if all(ended):
             break
+        live = [i for i, row in enumerate(rows) if not ended[row]]
+        if compiled is None and len(live) < len(rows):  # eager: ended rows leave the batch and its caches
+            index = torch.tensor(live, device=device)
+            for cache in caches:
+                cache.k, cache.v = cache.k[index], cache.v[index]
+            nxt, pad = nxt[index], None if pad is None else pad[index]
+            rows = [rows[i] for i in live]
         if held < block:
             feed = nxt
         else:  # full: start every row over from its most recent tokens
             for cache in caches:
                 cache.length = 0
             held = 0
-            feed, pad = left_padded([list(c)[-keep:] for c in contexts], device)
+            feed, pad = left_padded([list(contexts[row])[-keep:] for row in rows], device)
     return new
 
 

@@ -116,8 +116,10 @@ def test_batched_rows_stop_on_their_own(small_config: ModelConfig) -> None:
 
 
 def test_batched_sampling_past_block_size(small_config: ModelConfig) -> None:
+    """Rows refilled together past block_size, one of them leaving the batch on the way."""
     model = trained_ish(dataclasses.replace(small_config, pos_emb="rope"))
-    rows = generate_batch(model, [[1], [2, 3, 4, 5]], 2 * small_config.block_size + 3,
-                          generator=torch.Generator().manual_seed(0))
-    assert [len(row) for row in rows] == [2 * small_config.block_size + 3] * 2
+    n = 2 * small_config.block_size + 3
+    rows = generate_batch(model, [[1], [2, 3, 4, 5], [6, 7]], n, generator=torch.Generator().manual_seed(0),
+                          should_stop=lambda row, token: row == 2 and token % 2 == 0)
+    assert [len(row) for row in rows[:2]] == [n, n] and rows[2][-1] % 2 == 0
     assert all(0 <= t < small_config.vocab_size for row in rows for t in row)
