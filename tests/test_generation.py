@@ -108,6 +108,9 @@ def test_batched_rows_stop_on_their_own(small_config: ModelConfig) -> None:
     stop = alone[0][4]
     expected = [row[: row.index(stop)] if stop in row else row for row in alone]
     assert generate_batch(model, prompts, n, temperature=0, stop_ids={stop}) == expected
+    # the compiled step keeps ended rows in the batch, riding along
+    step = CompiledDecoding(model)
+    assert generate_batch(model, prompts, n, temperature=0, stop_ids={stop}, compiled=step) == expected
     assert len(expected[0]) == 4 and any(len(row) > 4 for row in expected)
     calls = []
     ended = generate_batch(model, prompts, n, temperature=0,
