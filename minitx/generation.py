@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Collection, Iterator
 from typing import TYPE_CHECKING, TextIO
 
 import torch
@@ -48,12 +49,12 @@ class CompiledDecoding:
         self.position = torch.zeros(1, dtype=torch.long, device=next(model.parameters()).device)
         self.step = torch.compile(model.next_token_logits, dynamic=False)
 
-    def __call__(self, feed: Tensor, caches: list[KVCache], start: int) -> Tensor:
+    def __call__(self, feed: Tensor, caches: list[KVCache], start: int, pad: Tensor | None = None) -> Tensor:
         if feed.size(1) > 1:
             return self.model.next_token_logits(feed, caches, torch.arange(start, start + feed.size(1),
-                                                                           device=feed.device))
+                                                                           device=feed.device), pad)
         self.position.fill_(start)
-        return self.step(feed, caches, self.position)
+        return self.step(feed, caches, self.position, pad)
 
 
 def generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
@@ -103,6 +104,82 @@ def _generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: f
                 cache.length = 0
             held = 0
             feed = context[:, -keep:]
+
+
+def generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+                   top_k: int | None = None, top_p: float = 1.0, generator: torch.Generator | None = None,
+                   stop_ids: Collection[int] = (), should_stop: Callable[[int, int], bool] | None = None,
+                   compiled: CompiledDecoding | None = None) -> list[list[int]]:
+    """The new tokens of every prompt, decoded together: one batch through the model per step.
+
+    Prompts of different lengths are padded on the left; each row's positions count from its first real token
+    and its padding is hidden from attention, so a greedy row gets the tokens it gets decoded alone by
+    `generate` (within block_size: past it the rows' caches are refilled together, at the longest row's pace).
+    A row ends at a token in `stop_ids` (left out) or once should_stop(row, token) is true (that token kept), and
+    leaves the batch (a compiled step keeps one batch size: there it rides along); decoding ends when all have.
+    """
+    if not prompts or not all(prompts):
+        raise ValueError("generate_batch takes one or more prompts of one or more tokens each")
+    mode = torch.inference_mode() if compiled is None else torch.no_grad()
+    with mode:
+        return _generate_batch(model, prompts, max_new_tokens, temperature, top_k, top_p, generator, stop_ids,
+                               should_stop, compiled)
+
+
+def left_padded(rows: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """Token rows as one (B, T) batch padded on the left, and each row's padding (None when there is none)."""
+    width = max(len(row) for row in rows)
+    pad = [width - len(row) for row in rows]
+    tokens = torch.tensor([[0] * p + row for p, row in zip(pad, rows, strict=True)], device=device)
+    return tokens, torch.tensor(pad, device=device) if any(pad) else None
+
+
+def _generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                    top_k: int | None, top_p: float, generator: torch.Generator | None, stop_ids: Collection[int],
+                    should_stop: Callable[[int, int], bool] | None,
+                    compiled: CompiledDecoding | None) -> list[list[int]]:
+    block = model.config.block_size
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    keep = max(1, block * 3 // 4)
+    contexts = [deque(prompt[-block:], maxlen=block) for prompt in prompts]  # what each row's cache holds, to refill
+    new: list[list[int]] = [[] for _ in prompts]
+    ended = [False] * len(prompts)
+    caches = model.new_caches(len(prompts), device, dtype)
+    feed, pad = left_padded([list(c) for c in contexts], device)
+    held = 0  # cache slots in use, the same for every row
+    rows = list(range(len(prompts)))  # the prompt each row of the batch decodes
+    for _ in range(max_new_tokens):
+        logits = (model.next_token_logits(feed, caches, pad=pad) if compiled is None
+                  else compiled(feed, caches, held, pad))
+        held += feed.size(1)
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
+        for row, token in zip(rows, nxt[:, 0].tolist(), strict=True):
+            contexts[row].append(token)
+            if ended[row]:  # an ended row rides along in a compiled step (one batch size): its tokens are dropped
+                continue
+            if token in stop_ids:
+                ended[row] = True
+                continue
+            new[row].append(token)
+            ended[row] = should_stop is not None and should_stop(row, token)
+        if all(ended):
+            break
+        live = [i for i, row in enumerate(rows) if not ended[row]]
+        if compiled is None and len(live) < len(rows):  # eager: ended rows leave the batch and its caches
+            index = torch.tensor(live, device=device)
+            for cache in caches:
+                cache.k, cache.v = cache.k[index], cache.v[index]
+            nxt, pad = nxt[index], None if pad is None else pad[index]
+            rows = [rows[i] for i in live]
+        if held < block:
+            feed = nxt
+        else:  # full: start every row over from its most recent tokens
+            for cache in caches:
+                cache.length = 0
+            held = 0
+            feed, pad = left_padded([list(contexts[row])[-keep:] for row in rows], device)
+    return new
 
 
 @torch.inference_mode()

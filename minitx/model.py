@@ -83,9 +83,11 @@ class Transformer(nn.Module):
         self.ln_f = make_norm(config)
 
     def forward(self, idx: Tensor, caches: list[KVCache] | None = None, key_padding: Tensor | None = None,
-                doc_ids: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+                doc_ids: Tensor | None = None, positions: Tensor | None = None, pad: Tensor | None = None) -> Tensor:
         """key_padding (B, T): True for real tokens; doc_ids (B, T): attend within documents only; positions (T,):
-        where idx goes in the caches, kept by the caller (a compiled decoding step); default: after what they hold."""
+        where idx goes in the caches, kept by the caller (a compiled decoding step); default: after what they hold.
+        pad (B,): left padding of each row (batched decoding): row b's slot t holds position t - pad[b], and its
+        first pad[b] slots are hidden from every query, so a row sees what it would see decoded alone."""
         T = idx.size(1)
         if positions is None:
             start = caches[0].length if caches else 0
@@ -94,12 +96,15 @@ class Transformer(nn.Module):
             at = torch.arange(start, start + T, device=idx.device)
         else:
             at = positions
+        if pad is not None:
+            key_padding = torch.arange(self.config.block_size, device=idx.device) >= pad[:, None]  # (B, block)
+            at = (at - pad[:, None]).clamp(min=0)  # (B, T); padding sits at 0, seen by no real token
         x = self.tok_emb(idx)  # (B, T, C)
         rope = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(at)
         else:
-            rope = self.rope[at]
+            rope = self.rope[at] if pad is None else self.rope[at][:, None]  # per row: (B, 1, T, D/2) over heads
         x = self.drop(x)
         mask = AttentionMask(self.causal, key_padding, doc_ids, self.config.attention_window, positions)
         for i, block in enumerate(self.blocks):
@@ -153,9 +158,10 @@ class GPT(nn.Module):
         return logits, loss
 
     def next_token_logits(self, idx: Tensor, caches: list[KVCache] | None = None,
-                          positions: Tensor | None = None) -> Tensor:
-        """Logits (B, V) for the position after `idx`; only the last position goes through the LM head."""
-        return self.lm_head(self.transformer(idx, caches, positions=positions)[:, -1])
+                          positions: Tensor | None = None, pad: Tensor | None = None) -> Tensor:
+        """Logits (B, V) for the position after `idx`; only the last position goes through the LM head.
+        pad (B,): left padding per row (see Transformer.forward)."""
+        return self.lm_head(self.transformer(idx, caches, positions=positions, pad=pad)[:, -1])
 
     def new_caches(self, batch: int, device: torch.device, dtype: torch.dtype) -> list[KVCache]:
         c = self.config

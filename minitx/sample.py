@@ -8,6 +8,7 @@ Arguments are `key=value` pairs read literally (no YAML parsing), so a prompt ke
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -23,7 +24,8 @@ class SampleConfig:
     ckpt: str | None = None  # a .ckpt written by minitx-train, a minitx-export directory, or hf:<dir> (required)
     prompt: str = ""  # empty: start from <|endoftext|>
     max_new_tokens: int = 500
-    num_samples: int = 1
+    num_samples: int = 1  # > 1: decoded together in one batch (with use_cache), printed one after another
+    stop: str = ""  # end a sample at the first occurrence of this text (left out), e.g. <|endoftext|>; "": off
     temperature: float = 0.8  # <= 0: greedy
     top_k: int = 200  # 0: off
     top_p: float = 1.0  # nucleus sampling; 1.0: off
@@ -62,12 +64,14 @@ def parse_args(argv: list[str]) -> SampleConfig:
 
 
 def sample(cfg: SampleConfig, out: TextIO = sys.stdout) -> None:
-    """Stream `num_samples` samples to `out`, each piece as it is decoded: memory stays bounded."""
+    """Stream a sample to `out`, each piece as it is decoded: memory stays bounded; or decode `num_samples` in one
+    batch and print them one after another."""
     import torch
+    from tokenizers.decoders import DecodeStream
 
     from minitx.attention import kernel_unavailable
     from minitx.checkpoint import load
-    from minitx.generation import STATIC_KERNELS, CompiledDecoding, generate, show_fills, show_labels
+    from minitx.generation import STATIC_KERNELS, CompiledDecoding, generate, generate_batch, show_fills, show_labels
     from minitx.kernel_check import checked_kernel, sampling_cases
     from minitx.tokenizer import EOT, stream_decode, unknown_chars
 
@@ -104,15 +108,49 @@ def sample(cfg: SampleConfig, out: TextIO = sys.stdout) -> None:
             fail("compile", cfg.compile, f"the compiled step attends with {' or '.join(STATIC_KERNELS)}, not "
                  f"{kernel!r}: add attention=sdpa")
         compiled = CompiledDecoding(loaded.model)
+    if cfg.num_samples > 1 and cfg.use_cache:  # one batch; each sample printed whole once every row has ended
+        texts = [""] * cfg.num_samples
+        streams = [DecodeStream(skip_special_tokens=False) for _ in texts]
+
+        def reached_stop(row: int, token: int) -> bool:
+            before = len(texts[row])
+            texts[row] += streams[row].step(tokenizer, token) or ""
+            return bool(cfg.stop) and texts[row].find(cfg.stop, max(0, before - len(cfg.stop) + 1)) >= 0
+
+        generate_batch(loaded.model, [prompt] * cfg.num_samples, cfg.max_new_tokens, cfg.temperature,
+                       cfg.top_k or None, cfg.top_p, generator, should_stop=reached_stop,
+                       compiled=compiled)
+        for i, text in enumerate(texts):
+            print(f"--- sample {i + 1} ---", file=out)
+            print(cfg.prompt + "".join(until_stop([text], cfg.stop)), file=out, flush=True)
+        return
     for i in range(cfg.num_samples):
         if cfg.num_samples > 1:
             print(f"--- sample {i + 1} ---", file=out)
         print(cfg.prompt, end="", file=out, flush=True)
         ids = generate(loaded.model, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p,
                        generator, use_cache=cfg.use_cache, compiled=compiled)
-        for piece in stream_decode(tokenizer, ids):
+        for piece in until_stop(stream_decode(tokenizer, ids), cfg.stop):
             print(piece, end="", file=out, flush=True)
         print(file=out, flush=True)
+
+
+def until_stop(pieces: Iterable[str], stop: str) -> Iterator[str]:
+    """The text of `pieces` up to the first `stop` (left out), streamed: only a tail that could begin `stop` is
+    held back. Ending early ends the decoding that feeds `pieces`."""
+    if not stop:
+        yield from pieces
+        return
+    held = ""
+    for piece in pieces:
+        held += piece
+        if (cut := held.find(stop)) >= 0:
+            yield held[:cut]
+            return
+        if (safe := len(held) - len(stop) + 1) > 0:
+            yield held[:safe]
+            held = held[safe:]
+    yield held
 
 
 def main(argv: list[str] | None = None) -> None:

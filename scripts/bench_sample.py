@@ -1,4 +1,5 @@
-"""Sampling speed: tokens/s with and without the KV cache, with the compiled decoding step, and Hugging Face
+"""Sampling speed: tokens/s with and without the KV cache, with the compiled decoding step, of `--batch` samples
+decoded together (generate_batch) against one, and Hugging Face
 transformers' `generate()` with its own cache on a GPT-2 of the same shape when `transformers` is installed (at
 the length GPT-2's position table allows, minitx's runs repeated at that length), measured side by side in one run.
 
@@ -15,7 +16,7 @@ import time
 import torch
 
 from minitx.config import ModelConfig
-from minitx.generation import CompiledDecoding, generate
+from minitx.generation import CompiledDecoding, generate, generate_batch
 from minitx.model import GPT
 
 
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=65)
     parser.add_argument("--new", type=int, default=500, help="new tokens per sample")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8, help="samples decoded together in the batched rows")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
@@ -62,6 +64,15 @@ def main() -> None:
                 pass
 
         rows.append((f"minitx, {label}", new, tokens_per_sec(run, new, args.repeats)))
+    batched = []
+    for label, step in [("", None), (", compiled step", compiled)]:
+        def run_batch(step: CompiledDecoding | None = step) -> None:
+            g = torch.Generator(args.device).manual_seed(0)
+            generate_batch(model, [prompt] * args.batch, args.new, temperature=1.0, top_k=200, generator=g,
+                           compiled=step)
+
+        batched.append((f"minitx, batch {args.batch}{label}", args.batch * args.new,
+                        tokens_per_sec(run_batch, args.batch * args.new, args.repeats)))
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -81,10 +92,12 @@ def main() -> None:
     print(f"\nmodel: {args.layers} layers, {args.heads} heads, {args.embd} embd, block {args.block}, "
           f"{model.num_params() / 1e6:.1f}M params; torch threads {torch.get_num_threads()}")
     print(f"{'path':<40} {'new tokens':>10} {'tokens/s':>10}")
-    for name, new, rate in rows:
+    for name, new, rate in rows + batched:
         print(f"{name:<40} {new:>10} {rate:10.1f}")
     print(f"\nKV cache speed-up: {rows[0][2] / rows[1][2]:.1f}x; the compiled step: {rows[2][2] / rows[0][2]:.2f}x "
           f"over the eager cached one, after {compile_s:.1f} s of compiling")
+    print(f"batch {args.batch} vs batch 1, tokens/s: {batched[0][2] / rows[0][2]:.1f}x eager, "
+          f"{batched[1][2] / rows[2][2]:.1f}x compiled")
     if rows[-1][0].startswith("transformers"):  # against minitx's cached runs of the same length
         for name, _, rate in rows[3:5]:
             print(f"{name} vs transformers generate(), {hf_new} new tokens each: {rate / rows[-1][2]:.1f}x")

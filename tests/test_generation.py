@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minitx.config import ModelConfig
-from minitx.generation import CompiledDecoding, generate, sample_next
+from minitx.generation import CompiledDecoding, generate, generate_batch, sample_next
 from minitx.model import GPT
 
 
@@ -83,3 +83,46 @@ def test_top_k_and_top_p_restrict_the_choice() -> None:
     # p(1) ≈ 0.45, p(2) ≈ 0.41: top_p=0.5 keeps exactly those two
     assert {sample_next(logits, top_p=0.5, generator=g).item() for _ in range(200)} == {1, 2}
     assert {sample_next(logits, top_p=0.1, generator=g).item() for _ in range(50)} == {1}
+
+
+@pytest.mark.parametrize("variant", [{}, {"pos_emb": "rope", "norm": "rmsnorm"}], ids=["learned", "rope"])
+def test_batched_greedy_equals_one_by_one(small_config: ModelConfig, variant: dict) -> None:
+    """Prompts of different lengths, left-padded into one batch: each row's positions and mask make it decode
+    the tokens it decodes alone."""
+    model = trained_ish(dataclasses.replace(small_config, **variant))
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15, 16]]
+    n = small_config.block_size - 7  # the longest prompt and its tokens fill one block
+    alone = [list(generate(model, prompt, n, temperature=0)) for prompt in prompts]
+    assert generate_batch(model, prompts, n, temperature=0) == alone
+    if variant:  # and with the compiled step (a second graph, for padded batches): rope, the harder case
+        assert generate_batch(model, prompts, n, temperature=0, compiled=CompiledDecoding(model)) == alone
+    assert len({tuple(row) for row in alone}) == len(prompts)  # the rows really differ
+
+
+def test_batched_rows_stop_on_their_own(small_config: ModelConfig) -> None:
+    """A row ends at a stop token (left out) or when should_stop says so; the other rows go on unchanged."""
+    model = trained_ish(small_config)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    n = 20
+    alone = [list(generate(model, prompt, n, temperature=0)) for prompt in prompts]
+    stop = alone[0][4]
+    expected = [row[: row.index(stop)] if stop in row else row for row in alone]
+    assert generate_batch(model, prompts, n, temperature=0, stop_ids={stop}) == expected
+    # the compiled step keeps ended rows in the batch, riding along
+    step = CompiledDecoding(model)
+    assert generate_batch(model, prompts, n, temperature=0, stop_ids={stop}, compiled=step) == expected
+    assert len(expected[0]) == 4 and any(len(row) > 4 for row in expected)
+    calls = []
+    ended = generate_batch(model, prompts, n, temperature=0,
+                           should_stop=lambda row, token: calls.append(row) or (row == 1 and len(calls) > 6))
+    assert ended[1] == alone[1][:3] and ended[0] == alone[0] and ended[2] == alone[2]
+
+
+def test_batched_sampling_past_block_size(small_config: ModelConfig) -> None:
+    """Rows refilled together past block_size, one of them leaving the batch on the way."""
+    model = trained_ish(dataclasses.replace(small_config, pos_emb="rope"))
+    n = 2 * small_config.block_size + 3
+    rows = generate_batch(model, [[1], [2, 3, 4, 5], [6, 7]], n, generator=torch.Generator().manual_seed(0),
+                          should_stop=lambda row, token: row == 2 and token % 2 == 0)
+    assert [len(row) for row in rows[:2]] == [n, n] and rows[2][-1] % 2 == 0
+    assert all(0 <= t < small_config.vocab_size for row in rows for t in row)

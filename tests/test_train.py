@@ -208,6 +208,22 @@ def test_sample_edge_inputs(trained: Path) -> None:
         sample_text(ckpt, "compile=true", "attention=flex")
 
 
+def test_sample_batches_samples_and_stops_them(trained: Path) -> None:
+    """num_samples decode in one batch: greedy, each sample is the single sample; stop= ends a sample at a text
+    spanning tokens, streamed alone or batched, eager or compiled."""
+    ckpt = f"ckpt={trained / 'checkpoints' / 'best.ckpt'}"
+    greedy = sample_text(ckpt, "prompt=the ", "temperature=0", "max_new_tokens=20")
+    three = sample_text(ckpt, "prompt=the ", "temperature=0", "max_new_tokens=20", "num_samples=3")
+    assert three == "".join(f"--- sample {i} ---\n{greedy}" for i in (1, 2, 3))
+    generated = greedy[4:-1]
+    stop = generated[5:7]
+    cut = "the " + generated[: generated.index(stop)] + "\n"
+    assert sample_text(ckpt, "prompt=the ", "temperature=0", "max_new_tokens=20", f"stop={stop}") == cut
+    batched = sample_text(ckpt, "prompt=the ", "temperature=0", "max_new_tokens=20", f"stop={stop}", "num_samples=2",
+                          "compile=true")
+    assert batched == f"--- sample 1 ---\n{cut}--- sample 2 ---\n{cut}"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
