@@ -21,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 import numpy as np
 
@@ -285,6 +285,13 @@ class ShardedTokens:
         self.paths, self.lengths, self.dtype = paths, lengths, np.dtype(dtype)
         self.offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])  # shard i holds offsets[i]:[i+1]
         self._maps: list[np.ndarray | None] = [None] * len(paths)
+
+    @classmethod
+    def in_memory(cls, tokens: np.ndarray) -> Self:
+        """Tokens already in memory (a bounded validation set) as a one-shard stream, served the same way."""
+        stream = cls([Path("<memory>")] * bool(len(tokens)), [len(tokens)] * bool(len(tokens)), tokens.dtype)
+        stream._maps = [tokens] * bool(len(tokens))
+        return stream
 
     @classmethod
     def from_manifest(cls, folder: Path, split: dict) -> ShardedTokens:

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from minitx.config import ConfigError, DataConfig, TokenizerConfig, fail
-from minitx.data import DataError, _read_error, _source_fingerprint, default_cache_dir, load_splits
+from minitx.data import DataError, TokenStream, _read_error, _source_fingerprint, default_cache_dir, load_splits
 from minitx.datamodules import TokenDataModule
 from minitx.tokenizer import EOT, build_tokenizer, tokenizer_hash, tokenizer_spec
 
@@ -43,27 +43,13 @@ STREAM_CACHE_FORMAT = 1  # part of the cache key of a stream's tokenizer and val
 ENCODE_BATCH = 256  # documents per encode_batch call: the tokenizer's threads get enough work, little is held
 
 
-class TokenArray:
-    """Held-out validation tokens in memory (bounded by data.val_documents), served as TokenStream serves a file."""
-
-    def __init__(self, tokens: np.ndarray):
-        self.tokens = tokens
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def windows(self, starts: np.ndarray, length: int) -> torch.Tensor:
-        idx = starts[:, None] + np.arange(length)
-        return torch.from_numpy(self.tokens[idx].astype(np.int64))
-
-
 @dataclass
 class StreamingData:
     """A corpus to stream: the training documents (all ranks', not yet split), fixed validation tokens."""
 
     tokenizer: Tokenizer
     train: datasets.IterableDataset
-    val: TokenArray
+    val: TokenStream
     text_column: str
     description: str
     cache_dir: Path
@@ -133,8 +119,8 @@ def prepare_stream(cfg: DataConfig, tok_cfg: TokenizerConfig, min_tokens: int, e
     held = f"{cfg.val_split} split" if has_val else "held out from the stream's start"
     description += (f", streamed{f' (first {cfg.max_documents} documents)' if cfg.max_documents else ''}; "
                     f"validation: {cfg.val_documents} documents {held}")
-    return StreamingData(tokenizer, _training_documents(train, cfg.text_column, held_out), TokenArray(val_tokens),
-                         cfg.text_column, description, cache)
+    return StreamingData(tokenizer, _training_documents(train, cfg.text_column, held_out),
+                         TokenStream.in_memory(val_tokens), cfg.text_column, description, cache)
 
 
 def _write_stream_cache(cache: Path, cfg: DataConfig, tok_cfg: TokenizerConfig, encoder: bool,
