@@ -269,10 +269,12 @@ class KVCache:
 
 
 class MultiHeadSelfAttention(nn.Module):
-    """Q, K, V from one fused projection, split into heads, attend, merge heads, project out."""
+    """Q, K, V from one fused projection, split into heads, attend, merge heads, project out. With qk_norm, each
+    head's queries and keys are RMS-normalised first (Dehghani et al. 2023; modded-nanogpt): attention logits stay
+    bounded whatever the projections' scale, so higher learning rates stay stable."""
 
     def __init__(self, n_embd: int, n_head: int, attention: str = "sdpa", dropout: float = 0.0, bias: bool = False,
-                 sdpa_backend: str = "auto"):
+                 sdpa_backend: str = "auto", qk_norm: bool = False):
         super().__init__()
         assert n_embd % n_head == 0, "validated in ModelConfig"
         self.n_head = n_head
@@ -280,6 +282,7 @@ class MultiHeadSelfAttention(nn.Module):
         self.attention = attention  # a key of KERNELS; may be switched on a built model
         self.sdpa_backend = sdpa_backend  # auto, or a key of SDPA_BACKENDS
         self.dropout = dropout
+        self.qk_norm = qk_norm
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
@@ -289,6 +292,8 @@ class MultiHeadSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if rope is not None:  # rotary positions: keys are cached already rotated
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         if cache is not None:  # (B, H, T_cached + T, D), or the whole buffer

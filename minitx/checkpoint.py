@@ -139,9 +139,10 @@ def load_ckpt(path: str, key: str) -> Loaded:
 
 
 def state_without_tied_head(model: GPT | Encoder) -> dict[str, torch.Tensor]:
-    """The state dict with one copy of each tensor: lm_head shares the embedding, and safetensors refuses shared
-    tensors, so lm_head.weight is left out and re-tied on load."""
-    return {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    """The state dict with one copy of each tensor: a tied lm_head shares the embedding, and safetensors refuses
+    shared tensors, so its weight is left out and re-tied on load."""
+    tied = model.config.tie_embeddings
+    return {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
 
 
 def own_format_meta(loaded: Loaded) -> dict[str, Any]:
@@ -183,7 +184,8 @@ def load_own_format(path: str, key: str) -> Loaded:
         raise CheckpointError(f"{where}: model.safetensors is truncated or corrupt ({e})") from None
     if "transformer.tok_emb.weight" not in state:
         raise CheckpointError(f"{where}: model.safetensors has no 'transformer.tok_emb.weight'; not a minitx model")
-    state["lm_head.weight"] = state["transformer.tok_emb.weight"]  # tied: one copy saved
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["transformer.tok_emb.weight"]  # tied: one copy saved
     load_weights(model, state, where)
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     return Loaded(model, tokenizer, config, int(meta.get("step", 0)), task, labels,

@@ -44,7 +44,7 @@ def check_positive(section: str, obj: Any, *names: str) -> None:
 # (ARCHITECTURE_KEYS must match) rebuilds
 RUNTIME_KEYS = ("attention", "sdpa_backend", "compile", "attention_check")  # how the model runs, not what it is
 ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos_emb", "rope_base", "norm",
-                     "activation", "attention_window")
+                     "activation", "attention_window", "qk_norm", "tie_embeddings", "logit_softcap")
 
 
 @dataclass
@@ -69,6 +69,9 @@ class ModelConfig:
     compile: bool = False  # torch.compile the model (cold compile ~35 s on 2 CPU cores; pays on long runs, GPUs)
     init_from: str | None = None  # start from its weights+tokenizer: classify: masked-LM; causal_lm: .ckpt, dir, hf:dir
     pooling: str = "cls"  # task=classify: cls (the [CLS] position) | mean (over real tokens)
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attending (bounded attention logits)
+    tie_embeddings: bool = True  # the LM/MLM head shares the token embedding's matrix (false: a head of its own)
+    logit_softcap: float = 0.0  # > 0: logits = c * tanh(logits / c), no logit beyond +-c (0 = off)
 
     def validate(self) -> ModelConfig:
         from minitx.attention import KERNELS
@@ -101,6 +104,8 @@ class ModelConfig:
             fail("model.pooling", self.pooling, "choose cls or mean")
         if self.norm not in ("layernorm", "rmsnorm"):
             fail("model.norm", self.norm, "choose layernorm or rmsnorm")
+        if self.logit_softcap < 0:
+            fail("model.logit_softcap", self.logit_softcap, "must be >= 0 (0 = off; 15-30 is usual)")
         return self
 
 
@@ -173,16 +178,29 @@ class PrepareConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for embeddings, head, norms, biases)
     lr: float = 2e-3
-    min_lr: float = 2e-4  # cosine decay ends here
+    min_lr: float = 2e-4  # the schedule's decay ends here
     weight_decay: float = 0.1  # matrices only; biases, norms and embeddings' 1-d params are not decayed
     beta1: float = 0.9
     beta2: float = 0.99  # 0.99 rather than 0.999: small batches, short runs
     warmup_steps: int = 100  # linear warmup; a run shorter than this warms up over all of it
     decay_steps: int = 0  # 0: decay over trainer.max_steps
+    schedule: str = "cosine"  # after warmup: cosine (decay all the way) | wsd (warmup, stable, then linear decay)
+    cooldown_frac: float = 0.2  # schedule=wsd: the last fraction of the decay steps, decaying linearly to min_lr
+    muon_lr: float = 0.02  # name=muon: the matrices' learning rate (scaled by the schedule like lr)
+    muon_momentum: float = 0.95  # name=muon: Nesterov momentum of the matrices' updates
 
     def validate(self, max_steps: int) -> OptimConfig:
-        check_positive("optim", self, "lr")
+        check_positive("optim", self, "lr", "muon_lr")
+        if self.name not in ("adamw", "muon"):
+            fail("optim.name", self.name, "choose adamw or muon (optim=muon)")
+        if self.schedule not in ("cosine", "wsd"):
+            fail("optim.schedule", self.schedule, "choose cosine or wsd")
+        if not 0.0 < self.cooldown_frac <= 1.0:
+            fail("optim.cooldown_frac", self.cooldown_frac, "must be in (0, 1]")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            fail("optim.muon_momentum", self.muon_momentum, "must be in [0, 1)")
         if self.min_lr < 0 or self.min_lr > self.lr:
             fail("optim.min_lr", self.min_lr, f"must be in [0, optim.lr={self.lr}]")
         if self.weight_decay < 0:
@@ -398,6 +416,11 @@ class TrainConfig:
         if not 0 <= self.seed < 2**32:  # numpy's and Lightning's seeding refuse anything else, with a traceback
             fail("seed", self.seed, "must be in [0, 2**32)")
         task_class(self.task).check_config(self)
+        if self.optim.name == "muon" and self.trainer.strategy == "fsdp":
+            fail("optim.name", "muon", "Muon orthogonalises whole matrices; trainer.strategy=fsdp shards them: use "
+                 "trainer=ddp or optim=adamw")
+        if self.optim.name == "muon" and str(self.trainer.precision) == "16-mixed":
+            fail("optim.name", "muon", "not with float16's grad scaler (trainer.precision=16-mixed); use bf16-mixed")
         devices = self.trainer.devices
         several = (isinstance(devices, int) and devices != 1) or (isinstance(devices, list) and len(devices) > 1)
         if self.guard.on_nonfinite == "skip" and (several or self.trainer.num_nodes > 1):

@@ -57,8 +57,10 @@ GROUP_FILES: dict[str, tuple[str, Any]] = {
     "tokenizer/bpe.yaml": ("Byte-level BPE trained on the training split.", TokenizerConfig(kind="bpe")),
     "data/builtin.yaml": ("The built-in corpus (the running Python's top-level standard-library modules) unless "
                           "path or hub_id is set.", DataConfig()),
-    "optim/adamw.yaml": ("AdamW, weight decay on matrices only; linear warmup, then cosine decay to min_lr.",
-                         OptimConfig()),
+    "optim/adamw.yaml": ("AdamW, weight decay on matrices only; linear warmup, then cosine decay to min_lr "
+                         "(schedule=wsd: hold, then a linear decay).", OptimConfig()),
+    "optim/muon.yaml": ("Muon (torch.optim.Muon) for the blocks' matrices at muon_lr, AdamW at lr for embeddings, "
+                        "head, norms and biases;\n# one schedule scales both.", OptimConfig(name="muon")),
     "trainer/default.yaml": ("Passed to lightning.Trainer under the same names; gradient_clip_val and "
                              "accumulate_grad_batches are applied\n# by minitx's own optimizer step "
                              "(minitx.tasks.Task), with the same meaning.", TrainerConfig()),

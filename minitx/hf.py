@@ -54,7 +54,10 @@ def gpt2_mismatch(config: ModelConfig, task: str) -> str | None:
     checks = [("task", task, task != "causal_lm"), ("model.pos_emb", config.pos_emb, config.pos_emb != "learned"),
               ("model.norm", config.norm, config.norm != "layernorm"),
               ("model.activation", config.activation, config.activation not in ACTIVATION_TO_HF),
-              ("model.attention_window", config.attention_window, config.attention_window != 0)]
+              ("model.attention_window", config.attention_window, config.attention_window != 0),
+              ("model.qk_norm", config.qk_norm, config.qk_norm),
+              ("model.tie_embeddings", config.tie_embeddings, not config.tie_embeddings),
+              ("model.logit_softcap", config.logit_softcap, config.logit_softcap != 0)]
     return next((f"{key}={value!r}" for key, value, bad in checks if bad), None)
 
 

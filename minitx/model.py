@@ -1,7 +1,7 @@
 """The transformer: a pre-LayerNorm block stacked into a trunk, and the decoder-only GPT on top of it.
 
-The trunk is shared by every model head; a GPT is the trunk with a causal mask and an LM head tied
-to the token embedding.
+The trunk is shared by every model head; a GPT is the trunk with a causal mask and an LM head (tied to the token
+embedding unless model.tie_embeddings=false).
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ class Block(nn.Module):
         super().__init__()
         self.ln_1 = make_norm(config)
         self.attn = MultiHeadSelfAttention(
-            config.n_embd, config.n_head, config.attention, config.dropout, config.bias, config.sdpa_backend
+            config.n_embd, config.n_head, config.attention, config.dropout, config.bias, config.sdpa_backend,
+            config.qk_norm,
         )
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
@@ -137,15 +138,29 @@ def init_weights(model: nn.Module, n_layer: int) -> None:
             nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
 
 
+class LMHead(nn.Linear):
+    """Hidden states (..., C) -> logits over the vocabulary (..., V); with model.logit_softcap = c, squashed to
+    c·tanh(logits/c) (Gemma 2, modded-nanogpt): no logit runs away, which lets a fast optimizer push harder."""
+
+    def __init__(self, config: ModelConfig, embedding: nn.Embedding):
+        super().__init__(config.n_embd, config.vocab_size, bias=False)
+        self.softcap = config.logit_softcap
+        if config.tie_embeddings:
+            self.weight = embedding.weight  # weight tying: one matrix reads tokens in and writes them out
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = super().forward(x)
+        return self.softcap * torch.tanh(logits / self.softcap) if self.softcap else logits
+
+
 class GPT(nn.Module):
-    """Decoder-only language model: causal trunk + LM head tied to the token embedding."""
+    """Decoder-only language model: causal trunk + LM head."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.transformer = Transformer(config, causal=True)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.tok_emb.weight  # weight tying
+        self.lm_head = LMHead(config, self.transformer.tok_emb)
         init_weights(self, config.n_layer)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None,
@@ -172,15 +187,14 @@ class GPT(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Bidirectional model (BERT-style): the same trunk without the causal mask, a masked-LM head tied to the
-    token embedding, and, for sequence classification, a linear head over the pooled hidden states."""
+    """Bidirectional model (BERT-style): the same trunk without the causal mask, a masked-LM head, and, for sequence
+    classification, a linear head over the pooled hidden states."""
 
     def __init__(self, config: ModelConfig, n_classes: int = 0, pooling: str = "cls"):
         super().__init__()
         self.config = config
         self.transformer = Transformer(config, causal=False)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.tok_emb.weight  # weight tying
+        self.lm_head = LMHead(config, self.transformer.tok_emb)
         self.pooling = pooling  # cls: the first position's state; mean: the mean over real tokens
         self.cls_head = nn.Linear(config.n_embd, n_classes) if n_classes else None
         init_weights(self, config.n_layer)

@@ -43,7 +43,7 @@ def plain_steps(config: Any, data: Any) -> Iterator[float]:
     torch.manual_seed(config.seed)
     model_cfg = dataclasses.replace(config.model, vocab_size=data.tokenizer.get_vocab_size())
     model = GPT(model_cfg)
-    optimizer = adamw(model, config.optim)
+    optimizer = adamw(model.parameters(), config.optim)
     decay = config.optim.decay_steps or config.trainer.max_steps
     batches = iter(RandomWindows(data.train, model_cfg.block_size, config.data.batch_size, config.seed))
     step = 0

@@ -39,7 +39,7 @@ def test_compiled_model_trains_like_eager(small_config: ModelConfig) -> None:
     batches = [torch.randint(0, 50, (2, 4, 32), generator=g) for _ in range(3)]
     losses = {}
     for name, model in (("eager", eager), ("compiled", compiled)):
-        optimizer = adamw(model, OptimConfig(lr=1e-2))
+        optimizer = adamw(model.parameters(), OptimConfig(lr=1e-2))
         losses[name] = []
         for x, y in batches:
             _, loss = model(x, y)

@@ -540,7 +540,7 @@ def test_training_step_equals_a_plain_loop(tmp_path: Path) -> None:
     data = prepare_data(config.data, config.tokenizer, config.model.block_size + 1)
     torch.manual_seed(config.seed)
     model = GPT(dataclasses.replace(config.model, vocab_size=data.tokenizer.get_vocab_size()))
-    optimizer = adamw(model, config.optim)
+    optimizer = adamw(model.parameters(), config.optim)
     batches = iter(RandomWindows(data.train, config.model.block_size, 4, config.seed))
     norms = []
     for step in range(6):

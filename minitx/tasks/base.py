@@ -9,6 +9,7 @@ import dataclasses
 import importlib
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -42,24 +43,54 @@ class NonFiniteError(MinitxError):
 
 
 def lr_at(step: int, cfg: OptimConfig, decay_steps: int) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at `decay_steps`, flat after."""
+    """Linear warmup to cfg.lr; then cosine decay to cfg.min_lr at `decay_steps` (schedule=cosine), or cfg.lr held
+    until the last cooldown_frac of the steps and a linear decay to cfg.min_lr there (schedule=wsd: warmup-stable-
+    decay, as modded-nanogpt and nanochat train); flat after `decay_steps`."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
     if step >= decay_steps:
         return cfg.min_lr
+    if cfg.schedule == "wsd":
+        stable_until = max(cfg.warmup_steps, decay_steps - round(cfg.cooldown_frac * decay_steps))
+        if step < stable_until:
+            return cfg.lr
+        return cfg.lr + (step - stable_until) / (decay_steps - stable_until) * (cfg.min_lr - cfg.lr)
     progress = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def adamw(model: torch.nn.Module, cfg: OptimConfig, fused: bool = True) -> torch.optim.AdamW:
+def hidden_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The transformer blocks' 2-D weights (attention and MLP projections): what Muon orthogonalises. Embeddings, the
+    heads, norms and biases are not hidden matrices (Muon's authors keep them on AdamW)."""
+    return [p for p in model.transformer.blocks.parameters() if p.requires_grad and p.dim() == 2]
+
+
+def adamw(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, fused: bool = True) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (dim >= 2) only; the fused kernel where the device has one (not under
     float16 loss scaling: a fused AdamW unscales inside its step, after the gradients would have been clipped)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in params if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def optimizers(model: torch.nn.Module, cfg: OptimConfig, fused: bool = True) -> list[torch.optim.Optimizer]:
+    """optim.name=adamw: AdamW for every parameter. optim.name=muon: torch.optim.Muon (minitx.muon: momentum, then
+    the update orthogonalised by Newton-Schulz iterations, so every direction of a matrix moves at the same rate) for
+    the hidden matrices at optim.muon_lr, and AdamW at optim.lr for the rest. Each group's `lr_scale` is its learning
+    rate over optim.lr: the one schedule (lr_at) sets every group."""
+    params = list(model.parameters())
+    if cfg.name == "adamw":
+        return [adamw(params, cfg, fused)]
+    from minitx.muon import Muon
+
+    matrices = {id(p) for p in hidden_matrices(model)}
+    muon = Muon([p for p in params if id(p) in matrices], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
+                momentum=cfg.muon_momentum, nesterov=True)
+    muon.param_groups[0]["lr_scale"] = cfg.muon_lr / cfg.lr
+    return [adamw([p for p in params if id(p) not in matrices], cfg, fused), muon]
 
 
 class Task(L.LightningModule):
@@ -176,7 +207,6 @@ class Task(L.LightningModule):
         """One batch: forward and backward; every `trainer.accumulate_grad_batches` batches, one optimizer step
         (clipping and the non-finite check run in on_before_optimizer_step, after any loss unscaling)."""
         self.batches_seen += 1
-        optimizer = self.optimizers()
         loss = self.train_loss(batch)
         stepping = self.batches_seen % self.accumulate == 0
         if math.isfinite(loss.item()):  # (a 0-dim read: ~20x cheaper than torch.isfinite's new tensor)
@@ -190,10 +220,16 @@ class Task(L.LightningModule):
         if stepping:
             self.step_loss = loss.detach() if self.accumulate == 1 else self._window_loss / self.accumulate
             lr = lr_at(self.trainer.global_step, self.optim_cfg, self.decay_steps)  # a function of the step alone
-            for group in optimizer.param_groups:  # type: ignore[union-attr]
-                group["lr"] = lr
-            optimizer.step()  # type: ignore[union-attr]
-            optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+            optimizers = self.trainer.optimizers  # AdamW, then Muon with optim=muon
+            for optimizer in optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
+            wrapped = self.optimizers()  # Lightning's wrapper: precision, the on_before_optimizer_step hook, the count
+            (wrapped[0] if isinstance(wrapped, list) else wrapped).step()  # type: ignore[union-attr]
+            for optimizer in optimizers[1:]:  # unwrapped: Lightning counts every wrapped step as an optimizer step
+                optimizer.step()
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
         return loss  # the TrainingMetrics callback logs it (and lr) every trainer.log_every_n_steps steps
 
     def _gradient_sync(self, stepping: bool) -> contextlib.AbstractContextManager:
@@ -214,14 +250,17 @@ class Task(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip by global norm (trainer.gradient_clip_val; 0 = off), and check that norm is finite. Lightning calls
-        this inside optimizer.step(), after float16's loss scale has been taken out of the gradients."""
+        this inside optimizer.step(), after float16's loss scale has been taken out of the gradients; with two
+        optimizers (optim=muon), at the first one's step, before either has moved a weight."""
+        if optimizer is not self.trainer.optimizers[0]:
+            return
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.grad_norm = norm.detach()  # kept on the device: read once per log interval, not once a step
         if self.trainer.precision == "16-mixed":
             return  # float16's grad scaler expects overflows: it skips those steps and lowers its scale
         if not math.isfinite(norm.item()):
             self._nonfinite("gradient norm", norm)
-            optimizer.zero_grad(set_to_none=True)  # skip: AdamW leaves parameters without gradients alone
+            self.model.zero_grad(set_to_none=True)  # skip: AdamW and Muon leave parameters without gradients alone
 
     def _nonfinite(self, what: str, value: torch.Tensor) -> None:
         step = self.trainer.global_step + 1
@@ -264,10 +303,10 @@ class Task(L.LightningModule):
         if self.trainer.sanity_checking:
             self.initial_metrics = numbers
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW; training_step sets its learning rate from the step number before each step (lr_at), so the
-        schedule needs no state of its own and resumes exactly."""
-        return adamw(self.model, self.optim_cfg, fused=self.trainer.precision != "16-mixed")
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """AdamW, or Muon + AdamW (optimizers); training_step sets their learning rates from the step number before
+        each step (lr_at), so the schedule needs no state of its own and resumes exactly."""
+        return optimizers(self.model, self.optim_cfg, fused=self.trainer.precision != "16-mixed")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         rng = {"torch": torch.get_rng_state()}
