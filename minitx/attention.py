@@ -282,7 +282,8 @@ class MultiHeadSelfAttention(nn.Module):
         self.attention = attention  # a key of KERNELS; may be switched on a built model
         self.sdpa_backend = sdpa_backend  # auto, or a key of SDPA_BACKENDS
         self.dropout = dropout
-        self.qk_norm = qk_norm
+        self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else None
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
@@ -292,8 +293,8 @@ class MultiHeadSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        if self.qk_norm:
-            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # rotary positions: keys are cached already rotated
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         if cache is not None:  # (B, H, T_cached + T, D), or the whole buffer

@@ -1,8 +1,10 @@
-"""Time to quality: recipes run back to back through the real `minitx-train` command, each timed from launch
-to the checkpoint line, with the val/loss-vs-wall-time curve read off its log as it happens.
+"""Time to quality: nanoGPT's CPU recipe (experiment=shakespeare_char) against minitx's fast recipe
+(experiment=shakespeare_char_fast), run back to back through the real `minitx-train` command for each seed, each
+timed from launch to the checkpoint line, with the val/loss-vs-wall-time curve read off its log as it happens.
+With --ablation, the fast recipe is also run once per ingredient taken out (or added), for the first seed.
 
     python scripts/bench_time_to_quality.py --data ../shared/data/tinyshakespeare/input.txt
-    python scripts/bench_time_to_quality.py --data ... --seeds 1337,1,2 --target 1.88
+    python scripts/bench_time_to_quality.py --data ... --seeds 1337,1,2 --target 1.88 --ablation
 """
 
 from __future__ import annotations
@@ -14,13 +16,28 @@ import tempfile
 import time
 
 STEP_LINE = re.compile(r"step (\d+): val/loss ([0-9.]+)")
+BASELINE, FAST = "experiment=shakespeare_char", "experiment=shakespeare_char_fast"
+
+# (label, overrides of the fast recipe): one ingredient changed at a time
+ABLATION = [
+    ("fast recipe", []),
+    ("- Muon (AdamW for every parameter)", ["optim.name=adamw"]),
+    ("- QK-norm", ["model.qk_norm=false"]),
+    ("- logit soft-cap", ["model.logit_softcap=0"]),
+    ("- WSD (cosine decay)", ["optim.schedule=cosine"]),
+    ("- Muon momentum 0.85 (torch's 0.95)", ["optim.muon_momentum=0.95"]),
+    ("+ untied head", ["model.tie_embeddings=false"]),
+    ("previous fast recipe (AdamW, 640 steps)",
+     ["optim.name=adamw", "optim.lr=3e-3", "optim.warmup_steps=40", "optim.schedule=cosine", "model.qk_norm=false",
+      "model.logit_softcap=0", "trainer.max_steps=640", "trainer.val_check_interval=160"]),
+]
 
 
-def run(experiment: str, data: str, seed: int) -> tuple[list[tuple[float, int, float]], float]:
+def run(overrides: list[str], data: str, seed: int) -> tuple[list[tuple[float, int, float]], float]:
     """[(seconds since launch, step, val/loss)], and the seconds until the checkpoint path was printed."""
     with tempfile.TemporaryDirectory() as out:
-        command = ["minitx-train", f"experiment={experiment}", f"data.path={data}", f"seed={seed}",
-                   f"hydra.run.dir={out}", "sample.max_new_tokens=0"]
+        command = ["minitx-train", *overrides, f"data.path={data}", f"seed={seed}", f"hydra.run.dir={out}",
+                   "sample.max_new_tokens=0", "logger=csv"]
         t0 = time.perf_counter()
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         curve, done = [], float("nan")
@@ -36,32 +53,46 @@ def run(experiment: str, data: str, seed: int) -> tuple[list[tuple[float, int, f
     return curve, done
 
 
+def show(label: str, seed: int, curve: list[tuple[float, int, float]]) -> None:
+    print(f"\n{label} (seed {seed}): val/loss vs wall time", flush=True)
+    for seconds, step, loss in curve:
+        print(f"  {seconds:6.1f} s  step {step:5d}  val/loss {loss:.4f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
-    parser.add_argument("--recipes", default="shakespeare_char,shakespeare_char_fast")
-    parser.add_argument("--seeds", default="1337")
+    parser.add_argument("--seeds", default="1337,1,2")
     parser.add_argument("--target", type=float, default=1.88)
+    parser.add_argument("--ablation", action="store_true", help="also run the ablation table (first seed)")
     args = parser.parse_args()
-    recipes = args.recipes.split(",")
-    summary = []
-    for seed in (int(s) for s in args.seeds.split(",")):
-        for recipe in recipes:
-            curve, done = run(recipe, args.data, seed)
-            print(f"\n{recipe} (seed {seed}): val/loss vs wall time")
-            for seconds, step, loss in curve:
-                print(f"  {seconds:6.1f} s  step {step:5d}  val/loss {loss:.4f}")
-            reached = next((s for s, _, loss in curve if loss <= args.target), None)
-            summary.append((recipe, seed, done, curve[-1][2], reached))
-    reached_header = f"reached {args.target}"
-    print(f"\n{'recipe':<24} {'seed':>5} {'wall to checkpoint':>19} {'final val/loss':>15} {reached_header:>13}")
-    for recipe, seed, done, final, reached in summary:
-        reached_s = f"{reached:.1f} s" if reached is not None else "no"
-        print(f"{recipe:<24} {seed:>5} {done:17.1f} s {final:15.4f} {reached_s:>13}")
-    if len(recipes) == 2:
-        for seed in sorted({s for _, s, *_ in summary}):
-            walls = [d for r, s, d, *_ in summary if s == seed]
-            print(f"seed {seed}: {recipes[1]} takes {walls[1] / walls[0]:.2f} of {recipes[0]}'s wall time")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = []
+    for seed in seeds:
+        base_curve, base_done = run([BASELINE], args.data, seed)
+        show(BASELINE, seed, base_curve)
+        fast_curve, fast_done = run([FAST], args.data, seed)
+        show(FAST, seed, fast_curve)
+        rows.append((seed, base_done, base_curve[-1][2], fast_done, fast_curve[-1][2]))
+    print(f"\n{'seed':>5} {'nanoGPT recipe s':>17} {'val/loss':>9} {'fast recipe s':>14} {'val/loss':>9} "
+          f"{'time ratio':>11}  reached {args.target}")
+    for seed, base_done, base_loss, fast_done, fast_loss in rows:
+        ok = "yes" if fast_loss <= args.target else "NO"
+        print(f"{seed:>5} {base_done:17.1f} {base_loss:9.4f} {fast_done:14.1f} {fast_loss:9.4f} "
+              f"{fast_done / base_done:10.2f}x  {ok}")
+    if not args.ablation:
+        return
+    seed, base_done = rows[0][0], rows[0][1]
+    table = []
+    for label, overrides in ABLATION:
+        curve, done = run([FAST, *overrides], args.data, seed)
+        show(label, seed, curve)
+        table.append((label, done, curve[-1][1], curve[-1][2]))
+    print(f"\nablation, seed {seed} (nanoGPT recipe: {base_done:.1f} s in the same run)")
+    print(f"| {'recipe':<40} | steps | wall s | x recipe | val/loss |")
+    print(f"|{'-' * 42}|------:|-------:|---------:|---------:|")
+    for label, done, steps, loss in table:
+        print(f"| {label:<40} | {steps:5d} | {done:6.1f} | {done / base_done:7.2f}x | {loss:8.4f} |")
 
 
 if __name__ == "__main__":

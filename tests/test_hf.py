@@ -321,7 +321,7 @@ def test_training_continues_from_an_imported_gpt2(tmp_path: Path, tokenizers_: d
         config = parse_config(compose_config(*overrides))
     assert (config.model.n_embd, config.model.bias, config.model.activation, config.model.block_size) == (
         32, True, "gelu_tanh", 32)  # the architecture is the import's; block_size kept (<= its 48 positions)
-    assert "attention_window=0, block_size=32 (of 48 positions)" in caplog.text, caplog.text
+    assert "logit_softcap=0.0, block_size=32 (of 48 positions)" in caplog.text, caplog.text
 
     # before training, the module computes the import's logits for every T <= block_size: the position table is
     # cropped to its first 32 rows

@@ -85,13 +85,14 @@ def corpus(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("accumulate", "val_check_interval", "last_saved"),
-    [(1, 15, 20), (2, 8, 24)],  # with 2: evaluations (and their checkpoints) at steps 8, 16, 24; periodic at 10, 20
+    ("accumulate", "val_check_interval", "last_saved", "optim"),
+    # with 2: evaluations (and their checkpoints) at steps 8, 16, 24; periodic at 10, 20. Muon: two optimizers' state
+    [(1, 15, 20, "adamw"), (2, 8, 24, "adamw"), (1, 15, 20, "muon")],
 )
 def test_sigkill_then_resume_equals_training_straight(tmp_path: Path, corpus: Path, accumulate: int,
-                                                       val_check_interval: int, last_saved: int) -> None:
+                                                       val_check_interval: int, last_saved: int, optim: str) -> None:
     overrides = [*RUN, f"data.path={corpus}", f"trainer.accumulate_grad_batches={accumulate}",
-                 f"trainer.val_check_interval={val_check_interval}"]
+                 f"trainer.val_check_interval={val_check_interval}", f"optim={optim}", "optim.schedule=wsd"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     train(parse_config(compose_config(*overrides)), straight)
 
