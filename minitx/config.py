@@ -190,6 +190,7 @@ class OptimConfig:
     cooldown_frac: float = 0.2  # schedule=wsd: the last fraction of the decay steps, decaying linearly to min_lr
     muon_lr: float = 0.02  # name=muon: the matrices' learning rate (scaled by the schedule like lr)
     muon_momentum: float = 0.95  # name=muon: Nesterov momentum of the matrices' updates
+    muon_ns_steps: int = 5  # name=muon: Newton-Schulz iterations per update (fewer: cheaper, less orthogonal)
 
     def validate(self, max_steps: int) -> OptimConfig:
         check_positive("optim", self, "lr", "muon_lr")
@@ -199,6 +200,8 @@ class OptimConfig:
             fail("optim.schedule", self.schedule, "choose cosine or wsd")
         if not 0.0 < self.cooldown_frac <= 1.0:
             fail("optim.cooldown_frac", self.cooldown_frac, "must be in (0, 1]")
+        if not 1 <= self.muon_ns_steps < 100:
+            fail("optim.muon_ns_steps", self.muon_ns_steps, "must be in [1, 100)")
         if not 0.0 <= self.muon_momentum < 1.0:
             fail("optim.muon_momentum", self.muon_momentum, "must be in [0, 1)")
         if self.min_lr < 0 or self.min_lr > self.lr:

@@ -160,6 +160,7 @@ def test_a_muon_run_counts_one_step_per_step_and_learns(tmp_path) -> None:
         (["optim=muon", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2"],
          "optim.name='muon': Muon orthogonalises whole matrices"),
         (["model.logit_softcap=-1"], "model.logit_softcap=-1.0: must be >= 0"),
+        (["optim.muon_ns_steps=0"], "optim.muon_ns_steps=0: must be in [1, 100)"),
     ],
 )
 def test_bad_ingredient_settings_name_the_key(overrides: list[str], message: str) -> None:

@@ -88,7 +88,7 @@ def optimizers(model: torch.nn.Module, cfg: OptimConfig, fused: bool = True) -> 
 
     matrices = {id(p) for p in hidden_matrices(model)}
     muon = Muon([p for p in params if id(p) in matrices], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
-                momentum=cfg.muon_momentum, nesterov=True)
+                momentum=cfg.muon_momentum, nesterov=True, ns_steps=cfg.muon_ns_steps)
     muon.param_groups[0]["lr_scale"] = cfg.muon_lr / cfg.lr
     return [adamw([p for p in params if id(p) not in matrices], cfg, fused), muon]
 
