@@ -38,7 +38,8 @@ class _Step(nn.Module):
 
 
 def package_key(model: GPT, batch: int, padded: bool, autotune: bool) -> str:
-    """What a built step depends on: the weights, the shape and kernels, the batch, torch's version and the ISA."""
+    """What a built step depends on: the weights, the shape and kernels, the batch, torch's version, the ISA and the
+    thread count (Inductor's C++ kernels fix theirs when they are generated)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -46,7 +47,7 @@ def package_key(model: GPT, batch: int, padded: bool, autotune: bool) -> str:
     kernels = [block.attn.attention for block in model.transformer.blocks]
     param = next(model.parameters())
     context = (model.config, kernels, batch, padded, autotune, torch.__version__, param.dtype, param.device.type,
-               torch.backends.cpu.get_cpu_capability())
+               torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())
     digest.update(repr(context).encode())
     return digest.hexdigest()[:24]
 
@@ -101,8 +102,9 @@ class PackagedDecoding:
         with torch.no_grad():
             program = torch.export.export(_Step(self.model), args, dynamic_shapes=dynamic)
         configs = {"freezing": True}
-        if self.autotune:
-            configs |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+        if self.autotune:  # on a CPU, Inductor's own C++ GEMMs against oneDNN's (ATen); elsewhere its defaults
+            configs |= {"max_autotune": True} | ({"max_autotune_gemm_backends": "CPP,ATEN"}
+                                                 if feed.device.type == "cpu" else {})
         if path is None:  # no cache: a private temporary file
             path = Path(tempfile.mkdtemp(prefix="minitx-decode-")) / "decode.pt2"
         path.parent.mkdir(parents=True, exist_ok=True)
