@@ -13,6 +13,7 @@ import hashlib
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -111,9 +112,15 @@ class PackagedDecoding:
         if self.autotune:  # on a CPU, Inductor's own C++ GEMMs against oneDNN's (ATen); elsewhere its defaults
             configs |= {"max_autotune": True} | ({"max_autotune_gemm_backends": "CPP,ATEN"}
                                                  if feed.device.type == "cpu" else {})
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # a read-only place: build for this run only
+                warnings.warn(f"cannot keep the decoding step in {path.parent} ({e.strerror}): built for this run only",
+                              stacklevel=2)
+                path = None
         if path is None:  # no cache: a private temporary file
             path = Path(tempfile.mkdtemp(prefix="minitx-decode-")) / "decode.pt2"
-        path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.partial.pt2")  # renamed when whole: readers never see half
         torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=configs)
         partial.replace(path)
