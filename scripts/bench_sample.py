@@ -2,8 +2,8 @@
 packaged one (AOTInductor, minitx.packaged_decoding), of `--batch` samples decoded together (generate_batch) against
 one, and Hugging Face transformers' `generate()` with its own cache on a GPT-2 of the same shape when `transformers`
 is installed (at the length GPT-2's position table allows, minitx's runs repeated at that length), measured side by
-side in one run. The weight-streaming ceiling is timed in the same run: the bare matrix-vector products of the
-model's weight matrices (F.linear, one token), and a plain read of the same bytes (a sum over each matrix).
+side in one run, in rounds (every path once a round). The weight-streaming ceiling is timed in the same rounds: the
+bare matrix-vector products of the blocks' weight matrices (F.linear, one token), and a plain read of the same bytes.
 
     python scripts/bench_sample.py                                   # nanoGPT's default shape: 6 x 384, block 256
     python scripts/bench_sample.py --layers 4 --embd 128 --heads 4 --block 64 --new 500
@@ -15,6 +15,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,34 +26,40 @@ from minitx.model import GPT
 from minitx.packaged_decoding import PackagedDecoding
 
 
-def tokens_per_sec(fn, new_tokens: int, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def interleaved_rates(jobs: list[tuple[str, int, Callable[[], None]]], repeats: int) -> list[tuple[str, int, float]]:
+    """tokens/s of each (name, tokens, run) job: a warm-up of each (compiles and builds happen there), then `repeats`
+    rounds that time every job once, the median kept: a machine that gets busier or quieter during the run moves
+    every path alike, so the ratios between them stay fair."""
+    for _, _, run in jobs:
+        run()
+    times: list[list[float]] = [[] for _ in jobs]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return new_tokens / statistics.median(times)
+        for i, (_, _, run) in enumerate(jobs):
+            t0 = time.perf_counter()
+            run()
+            times[i].append(time.perf_counter() - t0)
+    return [(name, tokens, tokens / statistics.median(t)) for (name, tokens, _), t in zip(jobs, times, strict=True)]
 
 
-def weight_seconds(model: GPT, repeats: int) -> tuple[float, float]:
-    """Seconds per token of the bare GEMVs of the blocks' weight matrices, and of just reading their bytes once."""
+def weight_jobs(model: GPT, passes: int = 20) -> list[tuple[str, int, Callable[[], None]]]:
+    """The weight-streaming ceiling as two jobs of `passes` 'tokens': the bare GEMVs of the blocks' weight matrices
+    (F.linear, one row), and just reading their bytes once (a sum over each)."""
     weights = [p for name, p in model.named_parameters() if p.dim() == 2 and ".blocks." in name]
     inputs = {w.size(1): torch.randn(1, w.size(1), device=w.device) for w in weights}
 
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(max(5, repeats * 5)):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+    @torch.no_grad()
+    def gemvs() -> None:
+        for _ in range(passes):
+            for w in weights:
+                F.linear(inputs[w.size(1)], w)
 
-    with torch.no_grad():
-        gemv = best(lambda: [F.linear(inputs[w.size(1)], w) for w in weights])
-        read = best(lambda: [w.sum() for w in weights])
-    return gemv, read
+    @torch.no_grad()
+    def reads() -> None:
+        for _ in range(passes):
+            for w in weights:
+                w.sum()
+
+    return [("bare GEMVs of the block weights", passes, gemvs), ("reading the block weights once", passes, reads)]
 
 
 def main() -> None:
@@ -74,7 +81,7 @@ def main() -> None:
                          n_embd=args.embd).validate()
     model = GPT(config).to(args.device).eval()
     prompt = [1]
-    rows = []
+    jobs: list[tuple[str, int, Callable[[], None]]] = []
     hf_new = min(args.new, args.block - 1)  # GPT-2 cannot go past its position table
     t0 = time.perf_counter()
     compiled = CompiledDecoding(model)
@@ -101,16 +108,15 @@ def main() -> None:
                               compiled=step):
                 pass
 
-        rows.append((f"minitx, {label}", new, tokens_per_sec(run, new, args.repeats)))
-    batched = []
+        jobs.append((f"minitx, {label}", new, run))
+    n_rows = len(jobs)
     for label, step in [("", None), (", compiled step", compiled), (", packaged step", packaged)]:
         def run_batch(step: DecodingStep | None = step) -> None:
             g = torch.Generator(args.device).manual_seed(0)
             generate_batch(model, [prompt] * args.batch, args.new, temperature=1.0, top_k=200, generator=g,
                            compiled=step)
 
-        batched.append((f"minitx, batch {args.batch}{label}", args.batch * args.new,
-                        tokens_per_sec(run_batch, args.batch * args.new, args.repeats)))
+        jobs.append((f"minitx, batch {args.batch}{label}", args.batch * args.new, run_batch))
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -123,19 +129,23 @@ def main() -> None:
                 hf.generate(ids, max_new_tokens=hf_new, min_new_tokens=hf_new, do_sample=True, top_k=200,
                             pad_token_id=0)
 
-        rows.append(("transformers generate(), its KV cache", hf_new, tokens_per_sec(run_hf, hf_new, args.repeats)))
+        jobs.insert(n_rows, ("transformers generate(), its KV cache", hf_new, run_hf))
+        n_rows += 1
     except ImportError:
         print("(transformers is not installed: pip install transformers to compare with its generate())")
 
+    jobs += weight_jobs(model)
+    rates = interleaved_rates(jobs, args.repeats)
+    rows, batched, (gemv, read) = rates[:n_rows], rates[n_rows:-2], rates[-2:]
+    gemv_s, read_s = 1 / gemv[2], 1 / read[2]
     costs[f"batch {args.batch}, compiled"] = "recompiled for the batch in its warm-up (not timed)"
     costs[f"batch {args.batch}, packaged"] = (f"{packaged.build_s - built_before_batch:.1f} s build once "
                                               f"(one package per batch size)")
-    gemv_s, read_s = weight_seconds(model, args.repeats)
     n_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if p.dim() == 2 and ".blocks." in n)
     print(f"\nmodel: {args.layers} layers, {args.heads} heads, {args.embd} embd, block {args.block}, "
           f"{model.num_params() / 1e6:.1f}M params; torch threads {torch.get_num_threads()}")
     print(f"{'path':<44} {'new tokens':>10} {'tokens/s':>10}  cost before the first token")
-    for name, new, rate in rows + batched:
+    for name, new, rate in rows + batched + [gemv, read]:
         cost = next((c for k, c in reversed(costs.items()) if k in name), "")
         print(f"{name:<44} {new:>10} {rate:10.1f}  {cost}")
     print(f"\nweights of the blocks: {n_bytes / 1e6:.1f} MB; bare GEMVs {gemv_s * 1e3:.2f} ms per token "
