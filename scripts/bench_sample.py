@@ -12,6 +12,7 @@ bare matrix-vector products of the blocks' weight matrices (F.linear, one token)
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -136,6 +137,7 @@ def main() -> None:
 
     jobs += weight_jobs(model)
     rates = interleaved_rates(jobs, args.repeats)
+    shutil.rmtree(package_dir, ignore_errors=True)  # the packages are ~2x the weights each: not left in /tmp
     rows, batched, (gemv, read) = rates[:n_rows], rates[n_rows:-2], rates[-2:]
     gemv_s, read_s = 1 / gemv[2], 1 / read[2]
     costs[f"batch {args.batch}, compiled"] = "recompiled for the batch in its warm-up (not timed)"
