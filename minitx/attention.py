@@ -248,9 +248,19 @@ class KVCache:
     """Keys and values of one layer, preallocated to `max_len` so decoding never reallocates."""
 
     def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, device: torch.device, dtype: torch.dtype):
-        self.k = torch.zeros(batch, n_head, max_len, head_dim, device=device, dtype=dtype)
+        # one slot more than is ever used: a step's first `span` slots are then never the whole buffer, so a compiled
+        # step has one memory layout for every span (a whole-buffer slice would be contiguous, a case of its own)
+        self.k = torch.zeros(batch, n_head, max_len + 1, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.length = 0
+        self.span = max_len  # the slots a static-cache step attends (see write); <= max_len
+
+    @classmethod
+    def over(cls, k: Tensor, v: Tensor, span: int) -> KVCache:
+        """A cache over existing buffers (a compiled step's inputs), attending their first `span` slots."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.length, cache.span = k, v, 0, span
+        return cache
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store the new positions' keys and values; return all of them so far."""
@@ -261,11 +271,12 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def write(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store keys and values at `positions` (the caller keeps count, on the device) and return the whole
-        buffers: shapes that never change, which a compiled decoding step needs."""
+        """Store keys and values at `positions` (the caller keeps count, on the device) and return the first `span`
+        slots: shapes a compiled step can fix (span = max_len) or take as one dynamic size (the positions so far,
+        no more keys read than are written)."""
         self.k.index_copy_(2, positions, k)
         self.v.index_copy_(2, positions, v)
-        return self.k, self.v
+        return self.k[:, :, : self.span], self.v[:, :, : self.span]
 
 
 class MultiHeadSelfAttention(nn.Module):

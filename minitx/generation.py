@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections import deque
 from collections.abc import Callable, Collection, Iterator
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 
 import torch
 from torch import Tensor
@@ -39,6 +39,13 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
 STATIC_KERNELS = ("sdpa", "naive")  # the kernels that take a mask at explicit query positions
 
 
+class DecodingStep(Protocol):
+    """A fast path for cached decoding: logits (B, V) after `feed`, written into `caches` from position `start`
+    (CompiledDecoding here; PackagedDecoding in minitx.packaged_decoding)."""
+
+    def __call__(self, feed: Tensor, caches: list[KVCache], start: int, pad: Tensor | None = None) -> Tensor: ...
+
+
 class CompiledDecoding:
     """The one-token step of cached decoding, compiled once (torch.compile): its position is a tensor on the device
     and the caches are written in place and attended whole, masked past that position, so every step has the same
@@ -59,7 +66,7 @@ class CompiledDecoding:
 
 def generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float = 1.0, generator: torch.Generator | None = None,
-             use_cache: bool = True, compiled: CompiledDecoding | None = None) -> Iterator[int]:
+             use_cache: bool = True, compiled: DecodingStep | None = None) -> Iterator[int]:
     """Yield new token ids one at a time; `compiled` decodes each token with that compiled step.
 
     Past `block_size` the context is cropped: without a cache to the last `block_size` tokens each step
@@ -74,7 +81,7 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: fl
 
 def _generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
               top_p: float, generator: torch.Generator | None, use_cache: bool,
-              compiled: CompiledDecoding | None) -> Iterator[int]:
+              compiled: DecodingStep | None) -> Iterator[int]:
     block = model.config.block_size
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -109,7 +116,7 @@ def _generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: f
 def generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                    top_k: int | None = None, top_p: float = 1.0, generator: torch.Generator | None = None,
                    stop_ids: Collection[int] = (), should_stop: Callable[[int, int], bool] | None = None,
-                   compiled: CompiledDecoding | None = None) -> list[list[int]]:
+                   compiled: DecodingStep | None = None) -> list[list[int]]:
     """The new tokens of every prompt, decoded together: one batch through the model per step.
 
     Prompts of different lengths are padded on the left; each row's positions count from its first real token
@@ -137,7 +144,7 @@ def left_padded(rows: list[list[int]], device: torch.device) -> tuple[Tensor, Te
 def _generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                     top_k: int | None, top_p: float, generator: torch.Generator | None, stop_ids: Collection[int],
                     should_stop: Callable[[int, int], bool] | None,
-                    compiled: CompiledDecoding | None) -> list[list[int]]:
+                    compiled: DecodingStep | None) -> list[list[int]]:
     block = model.config.block_size
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 from minitx.cli import parse_key_values, resolve_device, run_command
@@ -34,7 +35,9 @@ class SampleConfig:
     attention: str | None = None  # sample with naive | sdpa | flex | flex_eager | flash (unset: as trained)
     attention_check: bool = True  # check the kernel against naive at the shapes sampling uses first; fall back if wrong
     use_cache: bool = True  # KV cache; false recomputes the whole context each token
-    compile: bool = False  # torch.compile the one-token decoding step: ~8 s once, then ~1.3x tokens/s on a CPU
+    compile: bool = False  # a compiled one-token decoding step (compile_aot says which kind)
+    compile_aot: bool = True  # by AOTInductor, kept in <ckpt>.decode/: built once, loads in < 1 s; false: torch.compile
+    compile_autotune: bool = True  # with compile_aot: time GEMM kernels for these weights (slower build, faster steps)
     candidates: int = 5  # masked-LM checkpoints: how many fills to show for each [MASK]
 
     def validate(self) -> SampleConfig:
@@ -107,7 +110,12 @@ def sample(cfg: SampleConfig, out: TextIO = sys.stdout) -> None:
         if kernel not in STATIC_KERNELS:
             fail("compile", cfg.compile, f"the compiled step attends with {' or '.join(STATIC_KERNELS)}, not "
                  f"{kernel!r}: add attention=sdpa")
-        compiled = CompiledDecoding(loaded.model)
+        if cfg.compile_aot:
+            from minitx.packaged_decoding import PackagedDecoding
+
+            compiled = PackagedDecoding(loaded.model, package_dir(cfg.ckpt), cfg.compile_autotune)
+        else:
+            compiled = CompiledDecoding(loaded.model)
     if cfg.num_samples > 1 and cfg.use_cache:  # one batch; each sample printed whole once every row has ended
         texts = [""] * cfg.num_samples
         streams = [DecodeStream(skip_special_tokens=False) for _ in texts]
@@ -133,6 +141,12 @@ def sample(cfg: SampleConfig, out: TextIO = sys.stdout) -> None:
         for piece in until_stop(stream_decode(tokenizer, ids), cfg.stop):
             print(piece, end="", file=out, flush=True)
         print(file=out, flush=True)
+
+
+def package_dir(ckpt: str) -> Path:
+    """Where built decoding steps are kept: beside the checkpoint file or directory, `<name>.decode/`."""
+    source = Path(ckpt.removeprefix("hf:"))
+    return source.with_name(source.name + ".decode")
 
 
 def until_stop(pieces: Iterable[str], stop: str) -> Iterator[str]:

@@ -203,7 +203,8 @@ def test_sample_edge_inputs(trained: Path) -> None:
     for kernel in ("naive", "flex"):
         assert sample_text(ckpt, "prompt=the ", "temperature=0", "max_new_tokens=20", f"attention={kernel}") == greedy
     # and with the compiled decoding step, which refuses kernels that cannot attend from a static cache
-    assert sample_text(ckpt, "prompt=the ", "temperature=0", "max_new_tokens=20", "compile=true") == greedy
+    assert sample_text(ckpt, "prompt=the ", "temperature=0", "max_new_tokens=20", "compile=true",
+                       "compile_aot=false") == greedy
     with pytest.raises(ConfigError, match="compile=True: the compiled step attends with sdpa or naive, not 'flex'"):
         sample_text(ckpt, "compile=true", "attention=flex")
 
@@ -220,7 +221,7 @@ def test_sample_batches_samples_and_stops_them(trained: Path) -> None:
     cut = "the " + generated[: generated.index(stop)] + "\n"
     assert sample_text(ckpt, "prompt=the ", "temperature=0", "max_new_tokens=20", f"stop={stop}") == cut
     batched = sample_text(ckpt, "prompt=the ", "temperature=0", "max_new_tokens=20", f"stop={stop}", "num_samples=2",
-                          "compile=true")
+                          "compile=true", "compile_aot=false")
     assert batched == f"--- sample 1 ---\n{cut}--- sample 2 ---\n{cut}"
 
 
