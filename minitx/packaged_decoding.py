@@ -47,8 +47,12 @@ def package_key(model: GPT, batch: int, padded: bool, autotune: bool) -> str:
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     kernels = [block.attn.attention for block in model.transformer.blocks]
     param = next(model.parameters())
+    machine = (torch.backends.cpu.get_cpu_capability(), torch.cpu._is_avx512_bf16_supported(),
+               torch.cpu._is_amx_tile_supported())  # a folder beside a checkpoint may be shared by other machines
+    if param.device.type == "cuda":
+        machine += (torch.cuda.get_device_capability(param.device),)
     context = (model.config, kernels, batch, padded, autotune, torch.__version__, param.dtype, param.device.type,
-               torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())
+               machine, torch.get_num_threads())
     digest.update(repr(context).encode())
     return digest.hexdigest()[:24]
 
@@ -115,6 +119,8 @@ class PackagedDecoding:
         if path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
+                if not os.access(path.parent, os.W_OK):
+                    raise PermissionError(13, "not writable")
             except OSError as e:  # a read-only place: build for this run only
                 warnings.warn(f"cannot keep the decoding step in {path.parent} ({e.strerror}): built for this run only",
                               stacklevel=2)

@@ -17,7 +17,7 @@ from minitx.config import ConfigError, ModelConfig, OptimConfig
 from minitx.hf import gpt2_mismatch
 from minitx.model import GPT
 from minitx.tasks import lr_at
-from minitx.tasks.base import hidden_matrices, optimizers
+from minitx.tasks.base import hidden_matrices, lr_scales, optimizers
 from minitx.train import parse_config
 
 
@@ -103,7 +103,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(small_config: ModelCo
     assert len(in_muon) == 4 * small_config.n_layer  # qkv, attention out, MLP in, MLP out
     assert in_muon.isdisjoint(in_adamw) and in_muon | in_adamw == {id(p) for p in model.parameters()}
     assert id(model.lm_head.weight) in in_adamw and id(model.transformer.tok_emb.weight) in in_adamw
-    assert muon.param_groups[0]["lr_scale"] == pytest.approx(5.0)  # muon_lr / lr: one schedule scales both
+    assert lr_scales(OptimConfig(name="muon", lr=0.004, muon_lr=0.02)) == pytest.approx([1.0, 5.0])  # one schedule
     assert [type(o) for o in optimizers(model, OptimConfig())] == [torch.optim.AdamW]
 
 
@@ -150,6 +150,7 @@ def test_a_muon_run_counts_one_step_per_step_and_learns(tmp_path) -> None:
     assert checkpoint["global_step"] == 30
     assert len(checkpoint["optimizer_states"]) == 2
     muon_state = checkpoint["optimizer_states"][1]
+    assert len(muon_state["state"]) == 4 * 2  # Muon stepped every block matrix (its momentum buffers)
     assert muon_state["param_groups"][0]["lr"] == pytest.approx(lr_at(29, config.optim, 30) * 10.0)  # 0.02 / 0.002
     score = next(v for k, v in checkpoint["callbacks"].items() if "val/loss" in k)["current_score"]
     vocab = checkpoint[CHECKPOINT_KEY]["model"]["vocab_size"]
@@ -166,9 +167,31 @@ def test_a_muon_run_counts_one_step_per_step_and_learns(tmp_path) -> None:
          "optim.name='muon': Muon orthogonalises whole matrices"),
         (["model.logit_softcap=-1"], "model.logit_softcap=-1.0: must be >= 0"),
         (["optim.muon_ns_steps=0"], "optim.muon_ns_steps=0: must be in [1, 100)"),
+        (["optim.muon_momentum=1"], "optim.muon_momentum=1.0: must be in [0, 1)"),
     ],
 )
 def test_bad_ingredient_settings_name_the_key(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse_config(compose_config(*overrides))
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_resuming_with_another_optimizer_is_one_line(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Muon's and AdamW's states do not fit each other: a resume that switches is refused, naming the fix."""
+    from minitx.train import train
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.txt").write_text(make_text(400))
+    run = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16", "data.batch_size=4",
+           "data.val_batches=2", "data.path=corpus.txt", "trainer.enable_progress_bar=false", "sample.max_new_tokens=0",
+           "logger=none", "trainer.max_steps=2", "trainer.val_check_interval=2"]
+    train(parse_config(compose_config(*run, "optim=muon")), tmp_path / "run")
+    config = parse_config(compose_config(*run, "trainer.max_steps=4", f"resume={tmp_path / 'run'}"))
+    with pytest.raises(ConfigError, match=r"^resume: the checkpoint's run trained with optim.name=muon, this one has "
+                                          r"optim.name=adamw; resume with optim=muon$"):
+        train(config, tmp_path / "resumed")
+
+
+def test_classify_refuses_an_untied_head() -> None:
+    with pytest.raises(ConfigError, match=r"^model.tie_embeddings=False: task=classify trains no LM head"):
+        parse_config(compose_config("experiment=classify", "data.label_column=label", "model.tie_embeddings=false"))

@@ -92,7 +92,9 @@ def corpus(tmp_path: Path) -> Path:
 def test_sigkill_then_resume_equals_training_straight(tmp_path: Path, corpus: Path, accumulate: int,
                                                        val_check_interval: int, last_saved: int, optim: str) -> None:
     overrides = [*RUN, f"data.path={corpus}", f"trainer.accumulate_grad_batches={accumulate}",
-                 f"trainer.val_check_interval={val_check_interval}", f"optim={optim}", "optim.schedule=wsd"]
+                 f"trainer.val_check_interval={val_check_interval}", f"optim={optim}"]
+    if optim == "muon":
+        overrides += ["optim.schedule=wsd", "model.qk_norm=true"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     train(parse_config(compose_config(*overrides)), straight)
 

@@ -76,11 +76,17 @@ def adamw(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, fused: bool = 
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
+def lr_scales(cfg: OptimConfig) -> list[float]:
+    """Each optimizer's learning rate over optim.lr (AdamW's is optim.lr; Muon's optim.muon_lr), from the config: a
+    resumed run takes the rates it is given, not the checkpoint's."""
+    return [1.0] if cfg.name == "adamw" else [1.0, cfg.muon_lr / cfg.lr]
+
+
 def optimizers(model: torch.nn.Module, cfg: OptimConfig, fused: bool = True) -> list[torch.optim.Optimizer]:
     """optim.name=adamw: AdamW for every parameter. optim.name=muon: torch.optim.Muon (minitx.muon: momentum, then
     the update orthogonalised by Newton-Schulz iterations, so every direction of a matrix moves at the same rate) for
-    the hidden matrices at optim.muon_lr, and AdamW at optim.lr for the rest. Each group's `lr_scale` is its learning
-    rate over optim.lr: the one schedule (lr_at) sets every group."""
+    the hidden matrices at optim.muon_lr, and AdamW at optim.lr for the rest; one schedule (lr_at) sets both, scaled
+    by lr_scales."""
     params = list(model.parameters())
     if cfg.name == "adamw":
         return [adamw(params, cfg, fused)]
@@ -89,7 +95,6 @@ def optimizers(model: torch.nn.Module, cfg: OptimConfig, fused: bool = True) -> 
     matrices = {id(p) for p in hidden_matrices(model)}
     muon = Muon([p for p in params if id(p) in matrices], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
                 momentum=cfg.muon_momentum, nesterov=True, ns_steps=cfg.muon_ns_steps)
-    muon.param_groups[0]["lr_scale"] = cfg.muon_lr / cfg.lr
     return [adamw([p for p in params if id(p) not in matrices], cfg, fused), muon]
 
 
@@ -149,6 +154,7 @@ class Task(L.LightningModule):
         self.automatic_optimization = False
         self.model_cfg, self.optim_cfg = model_cfg, optim_cfg
         self.decay_steps = optim_cfg.decay_steps or trainer_cfg.max_steps
+        self.lr_scales = lr_scales(optim_cfg)
         self.clip = trainer_cfg.gradient_clip_val or math.inf  # 0: no clipping (the norm is still checked)
         self.accumulate = trainer_cfg.accumulate_grad_batches
         self.tokenizer_json = tokenizer_json
@@ -221,9 +227,9 @@ class Task(L.LightningModule):
             self.step_loss = loss.detach() if self.accumulate == 1 else self._window_loss / self.accumulate
             lr = lr_at(self.trainer.global_step, self.optim_cfg, self.decay_steps)  # a function of the step alone
             optimizers = self.trainer.optimizers  # AdamW, then Muon with optim=muon
-            for optimizer in optimizers:
+            for optimizer, scale in zip(optimizers, self.lr_scales, strict=True):
                 for group in optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
+                    group["lr"] = lr * scale
             wrapped = self.optimizers()  # Lightning's wrapper: precision, the on_before_optimizer_step hook, the count
             (wrapped[0] if isinstance(wrapped, list) else wrapped).step()  # type: ignore[union-attr]
             for optimizer in optimizers[1:]:  # unwrapped: Lightning counts every wrapped step as an optimizer step
@@ -337,6 +343,10 @@ class Task(L.LightningModule):
         if world != self.trainer.world_size:  # each rank's batch count and the evaluation steps are laid out for it
             raise ConfigError(f"resume: the checkpoint's run trained on {world} process(es), this one has "
                               f"{self.trainer.world_size}; resume with trainer.devices x trainer.num_nodes = {world}")
+        saved = (meta.get("config") or {}).get("optim", {}).get("name", "adamw")
+        if saved != self.optim_cfg.name:  # the optimizers' states would not fit: refuse before Lightning tries
+            raise ConfigError(f"resume: the checkpoint's run trained with optim.name={saved}, this one has "
+                              f"optim.name={self.optim_cfg.name}; resume with optim={saved}")
         self.batches_seen = meta["batches_seen"]
         self.skipped_steps = meta.get("skipped_steps", 0)
         self._rng_to_restore = meta["rng"]

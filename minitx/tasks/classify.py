@@ -53,6 +53,9 @@ class SequenceClassifier(Task):
             fail("data.label_column", None, "task=classify needs the column that holds the labels")
         if config.data.streaming:
             fail("data.streaming", True, "task=classify reads its labelled rows into memory; set data.streaming=false")
+        if not config.model.tie_embeddings:
+            fail("model.tie_embeddings", False, "task=classify trains no LM head: an untied one would be dead weight; "
+                 "keep it tied")
 
     @classmethod
     def prepare(cls, config: TrainConfig) -> Prepared:
