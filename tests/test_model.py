@@ -28,8 +28,9 @@ def test_causal_mask_hides_the_future(small_config: ModelConfig, kernel: str, po
     assert not torch.allclose(a[:, t], b[:, t])
 
 
-def test_naive_and_sdpa_models_agree(small_config: ModelConfig) -> None:
-    model = GPT(small_config)
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_naive_and_sdpa_models_agree(small_config: ModelConfig, qk_norm: bool) -> None:
+    model = GPT(dataclasses.replace(small_config, qk_norm=qk_norm))
     idx = torch.randint(0, 50, (3, 32), generator=torch.Generator().manual_seed(2))
     results = {}
     for kernel in ("naive", "sdpa"):
