@@ -4,11 +4,12 @@
 #   2. the attention benchmark in bf16 (flash or sdpa vs naive, and vs the flash-attn package when installed)
 #   3. bf16-mixed training of a GPT-2-small-shaped model (12 x 768, block 1024) with sdpa and torch.compile:
 #      tokens/s and MFU against the GPU's bf16 peak
-#   4. sampling speed on the GPU: KV cache on/off and the compiled decoding step
+#   4. sampling speed on the GPU: KV cache on/off, the compiled and the AOTInductor-packaged decoding steps, batch 8
 #   5. the attention self-check (flex, sdpa, flash-attn vs naive at a GPT-2 shape in bf16): its start-up cost
 #   6. experiment=gpt2_124m (its DDP preset, 524,288 tokens a step) for 30 steps: tokens/s and MFU
 #   7. DDP on 2 GPUs vs 1 GPU accumulating 2 (with two or more GPUs)
 #   8. FSDP (trainer=fsdp) vs DDP on every GPU here, bf16-mixed, 20 steps: the losses side by side
+#   9. optim=muon (minitx.muon: batched Newton-Schulz in bf16) vs optim=adamw on the GPU: val/loss and tokens/s
 # The device image has torch, lightning, tokenizers and pytest but no network; hydra-core, omegaconf, datasets and
 # wandb come from wheels downloaded beforehand on a machine with a registry:
 #   pip download -d .gpu-wheels hydra-core datasets wandb      (then run with carry=[".gpu-wheels"])
@@ -45,8 +46,8 @@ timeout 300 minitx-train model.n_layer=12 model.n_head=12 model.n_embd=768 model
   logger=csv sample.max_new_tokens=0 trainer.enable_progress_bar=false "hydra.run.dir=$out" 2>&1 | tail -5
 rates "$out" 4
 
-echo "== 4. sampling: KV cache on/off, the compiled decoding step (nanoGPT's default shape)"
-timeout 240 python3 scripts/bench_sample.py --device cuda --repeats 2 2>&1 | tail -10
+echo "== 4. sampling: KV cache on/off, the compiled and packaged decoding steps, batch 8 (nanoGPT's default shape)"
+timeout 300 python3 scripts/bench_sample.py --device cuda --repeats 2 --new 200 2>&1 | tail -24
 
 echo "== 5. the attention self-check on the GPU: what it costs at start-up, and which kernel each run keeps"
 timeout 240 python3 scripts/bench_kernel_check.py 2>&1 | tail -12
@@ -94,3 +95,11 @@ loss = {s: {r["step"]: float(r["train/loss"]) for r in csv.DictReader(open(f"{sy
 for step in sorted(loss["fsdp"], key=int):  # bf16: FSDP gathers bf16 weights, DDP autocasts fp32 ones: close, not equal
     print(f"step {step}: fsdp {loss['fsdp'][step]:.4f}  ddp {loss['ddp'].get(step, float('nan')):.4f}")
 PY
+
+echo "== 9. optim=muon vs optim=adamw on the GPU, 6 x 384 with QK-norm, bf16-mixed, 200 steps on the built-in corpus"
+for optim in muon adamw; do
+  timeout 240 minitx-train optim=$optim model.qk_norm=true model.n_layer=6 model.n_head=6 model.n_embd=384 \
+    model.block_size=256 data.batch_size=32 trainer.precision=bf16-mixed trainer.max_steps=200 \
+    trainer.val_check_interval=200 trainer.log_every_n_steps=50 logger=csv sample.max_new_tokens=0 \
+    trainer.enable_progress_bar=false "hydra.run.dir=$out/$optim" 2>&1 | grep -E "rror|tokens/s|val/loss: best"
+done
