@@ -46,6 +46,12 @@ class DecodingStep(Protocol):
     def __call__(self, feed: Tensor, caches: list[KVCache], start: int, pad: Tensor | None = None) -> Tensor: ...
 
 
+def eager_prefill(model: GPT, feed: Tensor, caches: list[KVCache], start: int, pad: Tensor | None) -> Tensor:
+    """A fast step's prefill (the prompt, a cache refill): run eagerly into its static caches, at explicit positions
+    from `start`."""
+    return model.next_token_logits(feed, caches, torch.arange(start, start + feed.size(1), device=feed.device), pad)
+
+
 class CompiledDecoding:
     """The one-token step of cached decoding, compiled once (torch.compile): its position is a tensor on the device
     and the caches are written in place and attended whole, masked past that position, so every step has the same
@@ -58,8 +64,7 @@ class CompiledDecoding:
 
     def __call__(self, feed: Tensor, caches: list[KVCache], start: int, pad: Tensor | None = None) -> Tensor:
         if feed.size(1) > 1:
-            return self.model.next_token_logits(feed, caches, torch.arange(start, start + feed.size(1),
-                                                                           device=feed.device), pad)
+            return eager_prefill(self.model, feed, caches, start, pad)
         self.position.fill_(start)
         return self.step(feed, caches, self.position, pad)
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from minitx.attention import KVCache
+from minitx.generation import eager_prefill
 from minitx.model import GPT
 
 
@@ -77,8 +78,7 @@ class PackagedDecoding:
 
     def __call__(self, feed: Tensor, caches: list[KVCache], start: int, pad: Tensor | None = None) -> Tensor:
         if feed.size(1) > 1:
-            return self.model.next_token_logits(feed, caches, torch.arange(start, start + feed.size(1),
-                                                                           device=feed.device), pad)
+            return eager_prefill(self.model, feed, caches, start, pad)
         kv = [t for cache in caches for t in (cache.k, cache.v)]
         step = self.steps.get((feed.size(0), pad is not None)) or self._step(feed, kv, pad)
         self.position.fill_(start)

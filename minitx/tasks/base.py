@@ -257,9 +257,7 @@ class Task(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip by global norm (trainer.gradient_clip_val; 0 = off), and check that norm is finite. Lightning calls
         this inside optimizer.step(), after float16's loss scale has been taken out of the gradients; with two
-        optimizers (optim=muon), at the first one's step, before either has moved a weight."""
-        if optimizer is not self.trainer.optimizers[0]:
-            return
+        optimizers (optim=muon), only the first is stepped through Lightning: once, before either moves a weight."""
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.grad_norm = norm.detach()  # kept on the device: read once per log interval, not once a step
         if self.trainer.precision == "16-mixed":
